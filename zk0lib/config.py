@@ -1,0 +1,503 @@
+"""One typed experiment config, its presets, dotted overrides and validation.
+
+The same dotted names (`fl.num_rounds`, `train.local_steps`, ...) are used by the CLI's `--set`,
+the notebooks' papermill `overrides` parameter and the Flower app's `set` run-config value.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+TRANSPORT_DTYPES = ("float32", "bfloat16")
+SOURCES = ("hub", "local", "synthetic")
+EVAL_WHERE = ("server", "clients")
+TINY = "tiny"
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message lists every problem with its dotted key."""
+
+
+@dataclass
+class ClientConfig:
+    """One robot owner's dataset; each client of the federation trains on exactly one."""
+
+    name: str
+    repo_id: str = ""
+    source: str = "hub"  # hub: Hub id (cached under HF_LEROBOT_HOME); local: `root`; synthetic: generated
+    root: str | None = None  # dataset folder for source=local (or to read a Hub dataset from a copy)
+    episodes: int | None = None  # use only the first N episodes (None: all)
+    heldout_episodes: int | None = None  # None: data.heldout_episodes
+    variant: int = 0  # scene variation of a synthetic client
+
+
+@dataclass
+class DataConfig:
+    clients: list[ClientConfig] = field(default_factory=list)
+    heldout_episodes: int = 2  # per client, kept out of training for evaluation
+    split_seed: int = 0  # which episodes are held out
+    rename_map: dict[str, str] = field(default_factory=dict)  # dataset camera key -> policy camera key
+    video_backend: str | None = None  # None: lerobot's default (torchcodec)
+    synthetic_episodes: int = 8
+    synthetic_frames: int = 45
+    synthetic_image_size: int = 64
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = TINY  # "tiny" (offline, random weights), a Hub id or a local policy folder
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    chunk_size: int = 50
+    n_action_steps: int = 50
+    num_denoise_steps: int = 10
+    freeze_vision_encoder: bool = True
+    train_expert_only: bool = True
+    train_state_proj: bool = True
+    init_seed: int = 0  # random init of the tiny model (identical in every process)
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 20  # optimizer steps per client per round
+    batch_size: int = 8
+    lr: float | None = None  # None: the policy's preset (SmolVLA: 1e-4)
+    warmup_steps: int | None = None  # None: preset, scaled to the run's total steps by lerobot
+    grad_clip_norm: float | None = None  # None: preset (SmolVLA: 10)
+    num_workers: int = 2
+    amp: bool = True  # bf16 autocast, CUDA only
+    max_skipped_fraction: float = 0.2  # undecodable batches tolerated before a client fails
+
+
+@dataclass
+class FLConfig:
+    strategy: str = "fedprox"
+    num_rounds: int = 3
+    proximal_mu: float = 0.01  # FedProx term weight; applied by the clients for any strategy
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0  # share of clients asked to evaluate when eval.where=clients
+    min_train_clients: int = 0  # 0: all clients
+    min_evaluate_clients: int = 0
+    min_available_clients: int = 0
+    transport_dtype: str = "float32"
+    server_lr: float = 1e-3  # fedadam/fedyogi server learning rate (eta)
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    round_timeout_s: float = 3600.0
+    client_num_cpus: int = 2  # simulation resources per client
+    client_num_gpus: float = 0.0
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1  # evaluate the global model every N rounds (and always after the last)
+    where: str = "server"  # server: ServerApp reads the held-out episodes; clients: each client evaluates
+    batch_size: int = 8
+    max_frames: int | None = None  # held-out frames per client for the loss (None: all)
+    action_frames: int = 16  # held-out frames per client whose action chunk is sampled
+    seed: int = 0
+    bootstrap: int = 1000
+
+
+@dataclass
+class OutputConfig:
+    runs_dir: str = "reports/runs"
+    run_id: str = ""  # empty: <UTC time>-<preset>
+    data_cache: str = "data_cache"
+    save_checkpoints: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    preset: str = "smoke"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
+        return _build(cls, raw, "")
+
+    @property
+    def home(self) -> Path:
+        return zk0_home()
+
+    @property
+    def cache_dir(self) -> Path:
+        return _resolve(self.output.data_cache)
+
+    @property
+    def runs_dir(self) -> Path:
+        return _resolve(self.output.runs_dir)
+
+    def heldout_for(self, client: ClientConfig) -> int:
+        return self.data.heldout_episodes if client.heldout_episodes is None else client.heldout_episodes
+
+
+def zk0_home() -> Path:
+    """Where data_cache/ and reports/ live: $ZK0_HOME, else the repo checkout, else the cwd."""
+    if os.environ.get("ZK0_HOME"):
+        return Path(os.environ["ZK0_HOME"]).expanduser().resolve()
+    repo = Path(__file__).resolve().parents[1]
+    if (repo / "Makefile").exists() and (repo / "pyproject.toml").exists():
+        return repo
+    return Path.cwd().resolve()
+
+
+def _resolve(path: str) -> Path:
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else zk0_home() / p
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def _synthetic_clients(n: int) -> list[ClientConfig]:
+    return [
+        ClientConfig(name=f"synth-{i}", repo_id=f"zk0/synthetic-{i}", source="synthetic", variant=i) for i in range(n)
+    ]
+
+
+def _smoke() -> ExperimentConfig:
+    return ExperimentConfig(
+        preset="smoke",
+        data=DataConfig(
+            clients=_synthetic_clients(2),
+            heldout_episodes=2,
+            synthetic_episodes=6,
+            synthetic_frames=30,
+            synthetic_image_size=48,
+        ),
+        model=ModelConfig(pretrained=TINY, device="cpu", chunk_size=10, n_action_steps=10, num_denoise_steps=4),
+        train=TrainConfig(local_steps=3, batch_size=4, lr=1e-3, num_workers=0),
+        fl=FLConfig(strategy="fedprox", num_rounds=2, proximal_mu=0.01, client_num_cpus=2),
+        eval=EvalConfig(batch_size=8, max_frames=32, action_frames=4, bootstrap=200),
+    )
+
+
+def _demo() -> ExperimentConfig:
+    return ExperimentConfig(
+        preset="demo",
+        data=DataConfig(
+            clients=_synthetic_clients(3),
+            heldout_episodes=3,
+            synthetic_episodes=16,
+            synthetic_frames=60,
+            synthetic_image_size=64,
+        ),
+        model=ModelConfig(pretrained=TINY, device="cpu", chunk_size=10, n_action_steps=10, num_denoise_steps=5),
+        train=TrainConfig(local_steps=25, batch_size=8, lr=1e-3, num_workers=1),
+        fl=FLConfig(strategy="fedprox", num_rounds=5, proximal_mu=0.01, client_num_cpus=2),
+        eval=EvalConfig(batch_size=16, max_frames=None, action_frames=12, bootstrap=1000),
+    )
+
+
+def _zk0_hub() -> ExperimentConfig:
+    repos = [
+        "lerobot/svla_so100_pickplace",
+        "lerobot/svla_so100_stacking",
+        "lerobot/svla_so100_sorting",
+        "lerobot/svla_so101_pickplace",
+    ]
+    return ExperimentConfig(
+        preset="zk0-hub",
+        data=DataConfig(
+            clients=[ClientConfig(name=r.split("/")[1], repo_id=r, source="hub") for r in repos],
+            heldout_episodes=5,
+            rename_map={
+                "observation.images.top": "observation.images.camera1",
+                "observation.images.wrist": "observation.images.camera2",
+            },
+        ),
+        model=ModelConfig(pretrained="lerobot/smolvla_base", device="cuda"),
+        train=TrainConfig(local_steps=200, batch_size=64, lr=1e-4, num_workers=4),
+        fl=FLConfig(strategy="fedprox", num_rounds=30, proximal_mu=0.01, client_num_cpus=4, client_num_gpus=0.25),
+        eval=EvalConfig(every=5, batch_size=32, max_frames=2048, action_frames=64),
+    )
+
+
+PRESETS = {"smoke": _smoke, "demo": _demo, "zk0-hub": _zk0_hub}
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | str | None = None) -> ExperimentConfig:
+    """Preset + dotted overrides -> a validated config (raises ConfigError listing every problem)."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[preset]()
+    for key, value in parse_overrides(overrides).items():
+        set_value(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(overrides: dict[str, Any] | list[str] | str | None) -> dict[str, Any]:
+    """Accept {"fl.num_rounds": 3}, ["fl.num_rounds=3"] or "fl.num_rounds=3 train.lr=1e-4"."""
+    if not overrides:
+        return {}
+    if isinstance(overrides, dict):
+        return dict(overrides)
+    items = overrides.split() if isinstance(overrides, str) else list(overrides)
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (example: fl.num_rounds=3)")
+        out[key.strip()] = value
+    return out
+
+
+def set_value(cfg: ExperimentConfig, key: str, value: Any) -> None:
+    """Set a dotted key (`fl.num_rounds`, `data.clients.0.heldout_episodes`), converting strings by type."""
+    parts = key.split(".")
+    obj: Any = cfg
+    for i, part in enumerate(parts[:-1]):
+        obj = _child(obj, part, ".".join(parts[: i + 1]), key)
+    last = parts[-1]
+    if isinstance(obj, list):
+        idx = _index(obj, last, key)
+        obj[idx] = _convert(value, ClientConfig, key)
+        return
+    hints = typing.get_type_hints(type(obj))
+    if not dataclasses.is_dataclass(obj) or last not in hints:
+        raise ConfigError(f"unknown config key {key!r}{_suggest(obj, last)}")
+    setattr(obj, last, _convert(value, hints[last], key))
+
+
+def _child(obj: Any, part: str, path: str, key: str) -> Any:
+    if isinstance(obj, list):
+        return obj[_index(obj, part, key)]
+    if dataclasses.is_dataclass(obj) and part in {f.name for f in dataclasses.fields(obj)}:
+        return getattr(obj, part)
+    raise ConfigError(f"unknown config key {key!r}: no section {path!r}{_suggest(obj, part)}")
+
+
+def _index(seq: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(seq):
+        raise ConfigError(f"{key!r}: index {part!r} is not one of 0..{len(seq) - 1}")
+    return int(part)
+
+
+def _suggest(obj: Any, name: str) -> str:
+    if not dataclasses.is_dataclass(obj):
+        return ""
+    names = [f.name for f in dataclasses.fields(obj)]
+    return f" (known here: {', '.join(names)})"
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert `value` (often a string from a CLI or run config) to the annotated type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        return _convert(value, args[0], key)
+    if isinstance(value, str) and (origin in (list, dict) or dataclasses.is_dataclass(tp)):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key}: expected JSON for a {_type_name(tp)}, got {value!r} ({e})") from None
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return copy.deepcopy(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {tp.__name__}, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        where = prefix or "config"
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in raw.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check every value; raise one ConfigError that lists all problems with their keys."""
+    errors: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            errors.append(msg)
+
+    d, m, t, f, e = cfg.data, cfg.model, cfg.train, cfg.fl, cfg.eval
+    need(cfg.preset in PRESETS, f"preset: unknown preset {cfg.preset!r} (choose {', '.join(PRESETS)})")
+    need(len(d.clients) >= 1, "data.clients: at least one client dataset is needed")
+    names = [c.name for c in d.clients]
+    need(len(set(names)) == len(names), f"data.clients: client names must be unique, got {names}")
+    need(d.heldout_episodes >= 0, f"data.heldout_episodes must be >= 0 (got {d.heldout_episodes})")
+    need(d.synthetic_episodes >= 1, f"data.synthetic_episodes must be >= 1 (got {d.synthetic_episodes})")
+    need(d.synthetic_frames >= 2, f"data.synthetic_frames must be >= 2 (got {d.synthetic_frames})")
+    need(d.synthetic_image_size >= 16, f"data.synthetic_image_size must be >= 16 (got {d.synthetic_image_size})")
+    need(
+        d.video_backend in (None, "torchcodec", "pyav"),
+        f"data.video_backend: torchcodec or pyav, got {d.video_backend!r}",
+    )
+    for i, c in enumerate(d.clients):
+        key = f"data.clients.{i}"
+        need(bool(c.name), f"{key}.name must not be empty")
+        need(c.source in SOURCES, f"{key}.source: unknown source {c.source!r} (choose {', '.join(SOURCES)})")
+        if c.source == "hub":
+            need(
+                "/" in c.repo_id,
+                f"{key}.repo_id: a Hub dataset id like 'lerobot/svla_so100_pickplace', got {c.repo_id!r}",
+            )
+        if c.source == "local":
+            need(c.root is not None, f"{key}.root: a local dataset needs its folder (source=local)")
+            if c.root is not None:
+                root = _resolve(c.root)
+                need(
+                    (root / "meta" / "info.json").exists(),
+                    f"{key}.root: no LeRobot dataset at {root} (missing meta/info.json)",
+                )
+        heldout = cfg.heldout_for(c)
+        need(heldout >= 0, f"{key}.heldout_episodes must be >= 0 (got {heldout})")
+        if c.episodes is not None:
+            need(c.episodes >= 1, f"{key}.episodes must be >= 1 (got {c.episodes})")
+            need(
+                heldout < c.episodes,
+                f"{key}: held-out episodes ({heldout}) must be fewer than episodes used ({c.episodes})",
+            )
+        if c.source == "synthetic":
+            need(
+                heldout < d.synthetic_episodes,
+                f"{key}: held-out episodes ({heldout}) must be fewer than data.synthetic_episodes ({d.synthetic_episodes})",
+            )
+    need(bool(m.pretrained), "model.pretrained: 'tiny', a Hub id or a local policy folder")
+    need(
+        m.device == "auto" or m.device == "cpu" or m.device.startswith("cuda"),
+        f"model.device: auto, cpu or cuda[:N], got {m.device!r}",
+    )
+    need(m.chunk_size >= 1, f"model.chunk_size must be >= 1 (got {m.chunk_size})")
+    need(
+        1 <= m.n_action_steps <= m.chunk_size,
+        f"model.n_action_steps must be in [1, chunk_size={m.chunk_size}] (got {m.n_action_steps})",
+    )
+    need(m.num_denoise_steps >= 1, f"model.num_denoise_steps must be >= 1 (got {m.num_denoise_steps})")
+    need(t.local_steps >= 1, f"train.local_steps must be >= 1 (got {t.local_steps})")
+    need(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
+    need(t.lr is None or t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
+    need(t.warmup_steps is None or t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
+    need(t.grad_clip_norm is None or t.grad_clip_norm > 0, f"train.grad_clip_norm must be > 0 (got {t.grad_clip_norm})")
+    need(t.num_workers >= 0, f"train.num_workers must be >= 0 (got {t.num_workers})")
+    need(
+        0 <= t.max_skipped_fraction < 1, f"train.max_skipped_fraction must be in [0, 1) (got {t.max_skipped_fraction})"
+    )
+    need(f.strategy in STRATEGIES, f"fl.strategy: unknown strategy {f.strategy!r} (choose {', '.join(STRATEGIES)})")
+    need(f.num_rounds >= 1, f"fl.num_rounds must be >= 1 (got {f.num_rounds})")
+    need(f.proximal_mu >= 0, f"fl.proximal_mu must be >= 0 (got {f.proximal_mu})")
+    for name in ("fraction_train", "fraction_evaluate"):
+        v = getattr(f, name)
+        need(0 <= v <= 1, f"fl.{name} must be in [0, 1] (got {v})")
+    need(f.fraction_train > 0, "fl.fraction_train must be > 0: no client would train")
+    n = len(d.clients)
+    for name in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
+        v = getattr(f, name)
+        need(0 <= v <= n, f"fl.{name} must be in [0, {n}] (0 = all {n} clients; got {v})")
+    need(
+        f.transport_dtype in TRANSPORT_DTYPES,
+        f"fl.transport_dtype: {' or '.join(TRANSPORT_DTYPES)}, got {f.transport_dtype!r}",
+    )
+    need(f.server_lr > 0, f"fl.server_lr must be > 0 (got {f.server_lr})")
+    need(0 <= f.server_beta1 < 1 and 0 <= f.server_beta2 < 1, "fl.server_beta1/fl.server_beta2 must be in [0, 1)")
+    need(f.server_tau > 0, f"fl.server_tau must be > 0 (got {f.server_tau})")
+    need(f.round_timeout_s > 0, f"fl.round_timeout_s must be > 0 (got {f.round_timeout_s})")
+    need(f.client_num_cpus >= 1, f"fl.client_num_cpus must be >= 1 (got {f.client_num_cpus})")
+    need(f.client_num_gpus >= 0, f"fl.client_num_gpus must be >= 0 (got {f.client_num_gpus})")
+    need(e.every >= 1, f"eval.every must be >= 1 (got {e.every})")
+    need(e.where in EVAL_WHERE, f"eval.where: {' or '.join(EVAL_WHERE)}, got {e.where!r}")
+    need(e.batch_size >= 1, f"eval.batch_size must be >= 1 (got {e.batch_size})")
+    need(e.max_frames is None or e.max_frames >= 1, f"eval.max_frames must be >= 1 or none (got {e.max_frames})")
+    need(e.action_frames >= 0, f"eval.action_frames must be >= 0 (got {e.action_frames})")
+    need(e.bootstrap >= 0, f"eval.bootstrap must be >= 0 (got {e.bootstrap})")
+    if e.where == "clients":
+        need(f.fraction_evaluate > 0, "eval.where=clients needs fl.fraction_evaluate > 0")
+    run_id = cfg.output.run_id
+    need(
+        not run_id or (run_id.replace("-", "").replace("_", "").replace(".", "").isalnum()),
+        f"output.run_id may hold letters, digits, '-', '_' and '.' only (got {run_id!r})",
+    )
+    if errors:
+        raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
+    return cfg
+
+
+def flat_items(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Every leaf as a dotted key (lists and maps as JSON), for tables and config diffs."""
+    out: dict[str, Any] = {}
+    for section, value in cfg.to_dict().items():
+        if not isinstance(value, dict):
+            out[section] = value
+            continue
+        for k, v in value.items():
+            out[f"{section}.{k}"] = json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
+    return out

@@ -1,0 +1,154 @@
+"""Client datasets: one LeRobotDataset per client (Hub, local folder or synthetic), episode splits,
+the federation's pooled normalization stats, and a training stream that skips undecodable batches."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zk0lib.config import ClientConfig, ExperimentConfig
+from zk0lib.synth import SyntheticSpec, ensure_synthetic_dataset
+
+
+class DatasetNotAvailableError(RuntimeError):
+    """A client's dataset cannot be found locally nor downloaded."""
+
+
+@dataclass
+class ClientData:
+    """Where a client's dataset lives and which of its episodes train and which are held out."""
+
+    index: int
+    name: str
+    repo_id: str
+    root: Path | None
+    meta: Any  # LeRobotDatasetMetadata
+    train_episodes: list[int]
+    heldout_episodes: list[int]
+
+
+def dataset_location(cfg: ExperimentConfig, client: ClientConfig) -> tuple[str, Path | None]:
+    """(repo_id, root) of a client's dataset; synthetic datasets are written here on first use."""
+    if client.source == "synthetic":
+        d = cfg.data
+        spec = SyntheticSpec(client.variant, d.synthetic_episodes, d.synthetic_frames, d.synthetic_image_size, cfg.seed)
+        return client.repo_id, ensure_synthetic_dataset(spec, client.repo_id, cfg.cache_dir / "datasets" / "synthetic")
+    if client.root is not None:
+        root = Path(client.root).expanduser()
+        return client.repo_id or root.name, root if root.is_absolute() else cfg.home / root
+    return client.repo_id, None
+
+
+def load_metadata(repo_id: str, root: Path | None) -> Any:
+    from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+
+    try:
+        return LeRobotDatasetMetadata(repo_id, root=root)
+    except Exception as e:  # noqa: BLE001 - offline and missing datasets fail in many ways; explain once
+        where = root if root is not None else f"$HF_LEROBOT_HOME/{repo_id}"
+        raise DatasetNotAvailableError(
+            f"dataset {repo_id!r} could not be opened at {where}: {type(e).__name__}: {e}\n"
+            "Without network, pre-download it where it is expected, e.g.\n"
+            f"    huggingface-cli download --repo-type dataset {repo_id} --local-dir <folder>\n"
+            "and set that client's root (e.g. --set data.clients.0.root=<folder>)."
+        ) from e
+
+
+def split_episodes(cfg: ExperimentConfig, client: ClientConfig, total: int) -> tuple[list[int], list[int]]:
+    """Seeded choice of held-out episodes among the first `client.episodes` (stable per client name)."""
+    available = total if client.episodes is None else min(client.episodes, total)
+    heldout = cfg.heldout_for(client)
+    if heldout >= available:
+        raise ValueError(
+            f"client {client.name!r}: {heldout} held-out episodes leave none to train on "
+            f"({available} episodes available); lower data.heldout_episodes"
+        )
+    rng = np.random.default_rng([cfg.data.split_seed, zlib.crc32(client.name.encode())])
+    held = sorted(int(i) for i in rng.choice(available, size=heldout, replace=False))
+    train = [i for i in range(available) if i not in set(held)]
+    return train, held
+
+
+def open_client(cfg: ExperimentConfig, index: int) -> ClientData:
+    client = cfg.data.clients[index]
+    repo_id, root = dataset_location(cfg, client)
+    meta = load_metadata(repo_id, root)
+    train, held = split_episodes(cfg, client, meta.total_episodes)
+    return ClientData(index, client.name, repo_id, root, meta, train, held)
+
+
+def pooled_stats(metas: list[Any]) -> dict[str, dict[str, np.ndarray]]:
+    """One normalization for the federation: lerobot's count-weighted merge of each client's stats.
+
+    Only aggregate statistics (mean/std/min/max/count per feature) are combined, never frames.
+    """
+    from lerobot.datasets.compute_stats import aggregate_stats
+
+    return aggregate_stats([m.stats for m in metas])
+
+
+def open_dataset(data: ClientData, episodes: list[int], policy_config: Any, video_backend: str | None) -> Any:
+    """A LeRobotDataset over some episodes, returning the action chunk the policy trains on."""
+    from lerobot.datasets.factory import resolve_delta_timestamps
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    return LeRobotDataset(
+        data.repo_id,
+        root=data.root,
+        episodes=episodes,
+        delta_timestamps=resolve_delta_timestamps(policy_config, data.meta),
+        video_backend=video_backend,
+    )
+
+
+class SkipUndecodable(torch.utils.data.Dataset):
+    """Returns an error marker instead of raising when a frame cannot be read (e.g. a corrupt video)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, idx: int) -> dict:
+        try:
+            return self.dataset[idx]
+        except Exception as e:  # noqa: BLE001 - any decode failure skips the batch; it is counted
+            return {"__error__": f"item {idx}: {type(e).__name__}: {e}"}
+
+
+def collate_or_skip(items: list[dict]) -> dict:
+    errors = [it["__error__"] for it in items if "__error__" in it]
+    if errors:
+        return {"__skipped__": errors}
+    return torch.utils.data.default_collate(items)
+
+
+def _one_thread_worker(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def batch_stream(dataset: Any, batch_size: int, num_workers: int, seed: int):
+    """Endless shuffled batches, reproducible from `seed`; each pass over the data reshuffles."""
+    epoch = 0
+    wrapped = SkipUndecodable(dataset)
+    while True:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        loader = torch.utils.data.DataLoader(
+            wrapped,
+            batch_size=min(batch_size, len(wrapped)),
+            shuffle=True,
+            generator=generator,
+            num_workers=num_workers,
+            collate_fn=collate_or_skip,
+            drop_last=True,
+            worker_init_fn=_one_thread_worker if num_workers else None,
+            persistent_workers=False,
+        )
+        yield from loader
+        epoch += 1

@@ -1,0 +1,77 @@
+"""Process environment: quiet third-party logs, Hub offline mode when nothing needs the Hub."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from zk0lib.config import TINY, ExperimentConfig
+
+QUIET = {
+    "SVT_LOG": "1",  # SVT-AV1 encoder: errors only
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning,ignore:Cannot enable progress bars",
+}
+
+
+def quiet() -> None:
+    """For zk0's entry points: the defaults above (never overriding the user's) and no FFmpeg chatter."""
+    for key, value in QUIET.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message="Cannot enable progress bars")
+    logging.getLogger("lerobot").setLevel(logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)  # lerobot warns through the root logger
+    try:
+        import av
+
+        av.logging.set_level(av.logging.ERROR)
+    except ImportError:  # PyAV is a lerobot dependency; without it nothing encodes anyway
+        pass
+
+
+def needs_hub(cfg: ExperimentConfig) -> bool:
+    """Whether anything in the config must come from the Hugging Face Hub."""
+    model_remote = cfg.model.pretrained != TINY and not Path(cfg.model.pretrained).expanduser().exists()
+    data_remote = any(c.source == "hub" and c.root is None for c in cfg.data.clients)
+    return model_remote or data_remote
+
+
+def use_offline_hub_if_possible(cfg: ExperimentConfig) -> bool:
+    """Turn on HF_HUB_OFFLINE when the config needs no Hub, so nothing waits on a network timeout."""
+    if needs_hub(cfg) or os.environ.get("HF_HUB_OFFLINE") == "0":
+        return False
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:  # already imported: flip the constant it reads
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = True
+    return True
+
+
+@contextmanager
+def native_stderr_to(path: Path) -> Iterator[None]:
+    """Send file descriptor 2 to `path` for a while: FFmpeg's muxer and SVT-AV1 write there from C,
+    out of reach of Python's logging, once per encoded video."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(path, "ab") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)

@@ -1,0 +1,726 @@
+"""The Flower apps (Message API): a ClientApp per robot owner, a ServerApp that runs the strategy.
+
+Only trainable weights travel, as raw little-endian bytes (`fl.transport_dtype`: float32 weights, or
+bfloat16 deltas from the global weights, which keep small updates that bf16 weights would round away).
+Before round 1 the server asks every client to describe its dataset (features and aggregate stats, never
+frames) and sends back one pooled normalization; every process builds its policy once and reuses it.
+`flwr run . <connection>` runs these apps unchanged on the Deployment Engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+
+from zk0lib import data, env, model, train
+from zk0lib.config import ExperimentConfig, load_config, validate
+from zk0lib.runs import RunRecord, utc_now
+
+RAW = "zk0.raw"  # stype of an array holding the parameter itself
+RAW_DELTA = "zk0.raw-delta"  # stype of an array holding (local - global)
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- transport
+
+
+def encode_arrays(
+    weights: dict[str, torch.Tensor], dtype: str, reference: dict[str, torch.Tensor] | None = None
+) -> ArrayRecord:
+    """Named tensors -> ArrayRecord of raw bytes in `dtype`; with `reference`, the difference is sent."""
+    out = OrderedDict()
+    for name, w in weights.items():
+        value = w.detach().to("cpu", torch.float32)
+        if reference is not None:
+            value = value - reference[name].to(torch.float32)
+        value = value.to(_TORCH_DTYPES[dtype]).contiguous()
+        out[name] = Array(
+            dtype=dtype,
+            shape=tuple(value.shape),
+            stype=RAW if reference is None else RAW_DELTA,
+            data=value.view(torch.uint8).numpy().tobytes(),
+        )
+    return ArrayRecord(out)
+
+
+def decode_arrays(record: ArrayRecord, reference: dict[str, torch.Tensor] | None = None) -> OrderedDict:
+    """ArrayRecord (zk0 raw, raw-delta or Flower numpy) -> fp32 tensors; deltas are added to `reference`."""
+    out = OrderedDict()
+    for name, arr in record.items():
+        if arr.stype in (RAW, RAW_DELTA):
+            flat = torch.frombuffer(bytearray(arr.data), dtype=_TORCH_DTYPES[arr.dtype])
+            value = flat.reshape(tuple(arr.shape)).to(torch.float32)
+            if arr.stype == RAW_DELTA:
+                if reference is None:
+                    raise ValueError(f"array {name} is a delta but no reference weights were given")
+                value = reference[name].to(torch.float32) + value
+        else:
+            value = torch.from_numpy(np.array(arr.numpy(), dtype=np.float32))
+        out[name] = value
+    return out
+
+
+def to_numpy_record(weights: dict[str, torch.Tensor]) -> ArrayRecord:
+    """The form Flower's strategies aggregate: numpy float32 arrays."""
+    return ArrayRecord(OrderedDict((k, Array(v.numpy())) for k, v in weights.items()))
+
+
+def payload_bytes(record: ArrayRecord) -> int:
+    return sum(len(a.data) for a in record.values())
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def config_from_run_config(run_config: dict[str, Any]) -> ExperimentConfig:
+    """`config-json` (base64 JSON, written by `zk0 train`) wins; else `preset` plus dotted `set` overrides."""
+    raw = str(run_config.get("config-json", "") or "")
+    if raw:
+        text = raw if raw.lstrip().startswith("{") else base64.b64decode(raw).decode()
+        return validate(ExperimentConfig.from_dict(json.loads(text)))
+    return load_config(str(run_config.get("preset", "demo")), str(run_config.get("set", "") or ""))
+
+
+def encode_config(cfg: ExperimentConfig) -> str:
+    return base64.b64encode(cfg.to_json().encode()).decode()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def stats_to_record(stats: dict[str, dict[str, Any]]) -> ArrayRecord:
+    """Normalization stats of the policy's features (observations and action) as named float64 arrays."""
+    return ArrayRecord(
+        OrderedDict(
+            (f"{feat}|{stat}", Array(np.asarray(value, dtype=np.float64)))
+            for feat, s in sorted(stats.items())
+            if feat.startswith("observation.") or feat == "action"
+            for stat, value in sorted(s.items())
+        )
+    )
+
+
+def stats_from_record(record: ArrayRecord) -> dict[str, dict[str, np.ndarray]]:
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in record.items():
+        feat, stat = key.split("|")
+        out.setdefault(feat, {})[stat] = arr.numpy()
+    return out
+
+
+def stats_digest(record: ArrayRecord) -> str:
+    digest = hashlib.sha256()
+    for key, arr in record.items():
+        digest.update(key.encode() + arr.data)
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- client side
+
+_PROCESS: dict[Any, Any] = {}  # this process's policies, processors and datasets, reused across rounds
+
+
+def _memo(key: Any, build):
+    if key not in _PROCESS:
+        _PROCESS[key] = build()
+    return _PROCESS[key]
+
+
+def _model_key(cfg: ExperimentConfig) -> str:
+    return _digest(
+        json.dumps([cfg.model.__dict__, cfg.train.__dict__, cfg.data.rename_map], sort_keys=True, default=str)
+    )
+
+
+def partition_of(context: Context, cfg: ExperimentConfig) -> int:
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=N'")
+    pid = int(node["partition-id"])
+    if not 0 <= pid < len(cfg.data.clients):
+        raise ValueError(f"partition-id {pid} is not a client of this config (0..{len(cfg.data.clients) - 1})")
+    return pid
+
+
+def _client_config(context: Context) -> ExperimentConfig:
+    """The run's config, with this node's own dataset folder if its node config names one."""
+    env.quiet()
+    cfg = config_from_run_config(dict(context.run_config))
+    root = context.node_config.get("dataset-root")
+    if root:
+        cfg.data.clients[partition_of(context, cfg)].root = str(root)
+    env.use_offline_hub_if_possible(cfg)
+    return cfg
+
+
+class _Local:
+    """One client's datasets in this process."""
+
+    def __init__(self, cfg: ExperimentConfig, pid: int):
+        self.data = data.open_client(cfg, pid)
+        self.train_set = None
+        self.heldout_set = None
+
+    def datasets(self, policy_config: Any, video_backend: str | None) -> tuple[Any, Any]:
+        if self.train_set is None:
+            self.train_set = data.open_dataset(self.data, self.data.train_episodes, policy_config, video_backend)
+            self.heldout_set = data.open_dataset(self.data, self.data.heldout_episodes, policy_config, video_backend)
+        return self.train_set, self.heldout_set
+
+
+def _local(cfg: ExperimentConfig, pid: int) -> _Local:
+    return _memo(
+        ("local", _digest(json.dumps(cfg.data.__dict__, default=str, sort_keys=True)), cfg.seed, pid),
+        lambda: _Local(cfg, pid),
+    )
+
+
+def _client_bundle(cfg: ExperimentConfig, local: _Local, msg: Message) -> model.PolicyBundle:
+    """The process's policy (built once) with processors for the federation's pooled stats."""
+    conf, stats = msg.content["config"], msg.content["norm_stats"]
+    key = (_model_key(cfg), stats_digest(stats))
+    bundle = _memo(("bundle", *key), lambda: model.build_policy(cfg, local.data.meta, stats_from_record(stats)))
+    fingerprint = _memo(("fingerprint", *key), lambda: model.frozen_fingerprint(bundle.policy))
+    if fingerprint != conf["frozen-fingerprint"]:
+        raise RuntimeError(
+            f"client {local.data.name}: frozen weights differ from the server's (fingerprint {fingerprint} vs "
+            f"{conf['frozen-fingerprint']}): both sides must load the same model.pretrained (and revision)"
+        )
+    return bundle
+
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def client_describe(msg: Message, context: Context) -> Message:
+    """Features and aggregate normalization stats of this client's dataset (no frames leave)."""
+    cfg = _client_config(context)
+    pid = partition_of(context, cfg)
+    local = _local(cfg, pid)
+    meta = local.data.meta
+    info = ConfigRecord(
+        {
+            "name": local.data.name,
+            "partition-id": pid,
+            "fps": int(meta.fps),
+            "frames": int(meta.total_frames),
+            "episodes": int(meta.total_episodes),
+            "train-episodes": len(local.data.train_episodes),
+            "heldout-episodes": len(local.data.heldout_episodes),
+            "features": json.dumps(meta.features, default=list),
+            "robot-type": str(meta.robot_type or ""),
+        }
+    )
+    return Message(RecordDict({"info": info, "stats": stats_to_record(meta.stats)}), reply_to=msg)
+
+
+@client_app.train()
+def client_train(msg: Message, context: Context) -> Message:
+    cfg = _client_config(context)
+    pid = partition_of(context, cfg)
+    local = _local(cfg, pid)
+    conf = msg.content["config"]
+    bundle = _client_bundle(cfg, local, msg)
+    train_set, _ = local.datasets(bundle.config, cfg.data.video_backend)
+    received = decode_arrays(msg.content["arrays"])
+    model.set_trainable(bundle.policy, received)
+    metrics = train.train_round(
+        bundle, train_set, cfg, int(conf["server-round"]), pid, float(conf.get("proximal-mu", 0.0)), local.data.name
+    )
+    dtype = cfg.fl.transport_dtype
+    arrays = encode_arrays(
+        model.get_trainable(bundle.policy), dtype, reference=received if dtype != "float32" else None
+    )
+    metrics |= {"num-examples": metrics["samples"], "partition-id": pid, "payload-bytes": payload_bytes(arrays)}
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@client_app.evaluate()
+def client_evaluate(msg: Message, context: Context) -> Message:
+    cfg = _client_config(context)
+    pid = partition_of(context, cfg)
+    local = _local(cfg, pid)
+    bundle = _client_bundle(cfg, local, msg)
+    _, heldout = local.datasets(bundle.config, cfg.data.video_backend)
+    model.set_trainable(bundle.policy, decode_arrays(msg.content["arrays"]))
+    result = train.evaluate(bundle, heldout, cfg)
+    return Message(RecordDict({"metrics": MetricRecord(eval_to_metrics(result, pid))}), reply_to=msg)
+
+
+def eval_to_metrics(result: dict[str, Any], pid: int) -> dict[str, Any]:
+    """An evaluation result as a flat MetricRecord (numbers and lists of numbers only)."""
+    out: dict[str, Any] = {"partition-id": pid, "num-examples": int(result["frames"])}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            out[f"{key}-ids"] = [int(k) for k in value]
+            out[f"{key}-values"] = [float(v) for v in value.values()]
+        elif isinstance(value, list):
+            out[key] = [float(v) for v in value]
+        else:
+            out[key] = value
+    return out
+
+
+def eval_from_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key.endswith("-ids"):
+            base = key[: -len("-ids")]
+            out[base] = {str(i): v for i, v in zip(value, metrics[f"{base}-values"], strict=True)}
+        elif not key.endswith("-values") and key not in ("partition-id", "num-examples"):
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- strategy
+
+
+def _weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Sample-weighted mean of the scalar metrics (identity and list metrics left out)."""
+    rows = [next(iter(r.metric_records.values())) for r in records]
+    total = sum(float(r[weight_key]) for r in rows) or 1.0
+    keys = {
+        k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k not in ("partition-id", weight_key)
+    }
+    return MetricRecord(
+        {k: sum(float(r[k]) * float(r[weight_key]) for r in rows if k in r) / total for k in sorted(keys)}
+    )
+
+
+class _Zk0Mixin:
+    """Transport encoding, reply checks, deterministic aggregation order and per-round bookkeeping."""
+
+    def __init__(self, *, server: FederatedServer, **kwargs: Any):
+        super().__init__(train_metrics_aggr_fn=_weighted_mean, evaluate_metrics_aggr_fn=_weighted_mean, **kwargs)
+        self.zk0 = server
+
+    def _encode_messages(self, messages: Any, arrays: ArrayRecord, phase: str) -> list[Message]:
+        messages = list(messages)
+        if not messages:
+            return messages
+        global_w = decode_arrays(arrays)
+        encoded = encode_arrays(global_w, self.zk0.cfg.fl.transport_dtype)
+        for m in messages:
+            m.content["arrays"] = encoded
+            m.content["norm_stats"] = self.zk0.stats_record
+        self.zk0.round_state["global"] = global_w
+        self.zk0.round_state[f"{phase}_bytes_sent"] = payload_bytes(encoded) * len(messages)
+        return messages
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        self.zk0.start_round(server_round)
+        return self._encode_messages(super().configure_train(server_round, arrays, config, grid), arrays, "train")
+
+    def aggregate_train(self, server_round: int, replies: Any):
+        replies = list(replies)
+        accepted = self.zk0.accept_train_replies(server_round, replies)
+        if not accepted:
+            return None, None
+        return super().aggregate_train(server_round, accepted)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
+        if not self.zk0.eval_due(server_round):
+            return []
+        return self._encode_messages(super().configure_evaluate(server_round, arrays, config, grid), arrays, "evaluate")
+
+    def aggregate_evaluate(self, server_round: int, replies: Any):
+        replies = list(replies)
+        self.zk0.collect_client_evals(server_round, replies)
+        ok = [r for r in replies if not r.has_error()]
+        return super().aggregate_evaluate(server_round, ok) if ok else None
+
+
+_STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
+
+
+def make_strategy(cfg: ExperimentConfig, server: FederatedServer) -> Any:
+    f, n = cfg.fl, len(cfg.data.clients)
+    base = _STRATEGIES[f.strategy]
+    kwargs: dict[str, Any] = {
+        "fraction_train": f.fraction_train,
+        "fraction_evaluate": f.fraction_evaluate if cfg.eval.where == "clients" else 0.0,
+        "min_train_nodes": f.min_train_clients or n,
+        "min_evaluate_nodes": f.min_evaluate_clients or n,
+        "min_available_nodes": f.min_available_clients or n,
+    }
+    if f.strategy == "fedprox":
+        kwargs["proximal_mu"] = f.proximal_mu
+    if f.strategy in ("fedadam", "fedyogi"):
+        kwargs |= {
+            "eta": f.server_lr,
+            "eta_l": cfg.train.lr or 1e-4,
+            "beta_1": f.server_beta1,
+            "beta_2": f.server_beta2,
+            "tau": f.server_tau,
+        }
+    cls = type(f"Zk0{base.__name__}", (_Zk0Mixin, base), {})
+    return cls(server=server, **kwargs)
+
+
+# ----------------------------------------------------------------------------- server side
+
+
+class FederatedServer:
+    """Everything the ServerApp does around the strategy: describe clients, evaluate, record, checkpoint."""
+
+    def __init__(self, cfg: ExperimentConfig, run: RunRecord, grid: Grid):
+        self.cfg, self.run, self.grid = cfg, run, grid
+        self.names: dict[int, str] = {}  # node id -> client name
+        self.round_state: dict[str, Any] = {}
+        self.best: dict[str, Any] | None = None
+        self.totals = {"bytes_sent": 0, "bytes_received": 0, "train_samples": 0, "train_steps": 0}
+        self.t_start = time.perf_counter()
+
+    # -- setup
+    def wait_for_nodes(self) -> list[int]:
+        need = self.cfg.fl.min_available_clients or len(self.cfg.data.clients)
+        deadline = time.monotonic() + self.cfg.fl.round_timeout_s
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= need:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(nodes)} of {need} clients connected within fl.round_timeout_s")
+            time.sleep(1.0)
+
+    def describe_clients(self, nodes: list[int]) -> list[dict[str, Any]]:
+        messages = [
+            Message(
+                RecordDict({"config": ConfigRecord({"zk0": "describe"})}), dst_node_id=n, message_type=MessageType.QUERY
+            )
+            for n in nodes
+        ]
+        infos = []
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout_s):
+            if reply.has_error():
+                raise RuntimeError(
+                    f"client on node {reply.metadata.src_node_id} could not describe its dataset: {reply.error.reason}"
+                )
+            info = dict(reply.content["info"])
+            info["stats"] = stats_from_record(reply.content["stats"])
+            info["features"] = json.loads(info["features"])
+            self.names[reply.metadata.src_node_id] = info["name"]
+            infos.append(info)
+        infos.sort(key=lambda i: i["partition-id"])
+        pids = [i["partition-id"] for i in infos]
+        if len(set(pids)) != len(pids):
+            raise RuntimeError(f"two SuperNodes serve the same partition-id: {pids}")
+        check_compatible(infos, self.cfg)
+        return infos
+
+    def federation_meta(self, infos: list[dict[str, Any]], stats: dict) -> Any:
+        """A LeRobot metadata folder with the clients' shared features and pooled stats (for the server's policy)."""
+        from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+
+        root = self.run.path / "federation_meta"
+        if not (root / "meta" / "info.json").exists():
+            feats = {
+                k: v
+                for k, v in infos[0]["features"].items()
+                if k not in ("timestamp", "frame_index", "episode_index", "index", "task_index")
+            }
+            for v in feats.values():
+                v["shape"] = tuple(v["shape"])
+            meta = LeRobotDatasetMetadata.create(
+                repo_id="zk0/federation",
+                fps=int(infos[0]["fps"]),
+                features=feats,
+                robot_type=infos[0]["robot-type"] or None,
+                root=root,
+                use_videos=True,
+            )
+        else:
+            meta = LeRobotDatasetMetadata("zk0/federation", root=root)
+        meta.stats = stats
+        return meta
+
+    # -- the run
+    def run_rounds(self) -> None:
+        cfg = self.cfg
+        infos = self.describe_clients(self.wait_for_nodes())
+        self.stats_record = stats_to_record(data.pooled_stats([_StatsOnly(i["stats"]) for i in infos]))
+        stats = stats_from_record(self.stats_record)  # what clients get, to the last bit
+        self.bundle = model.build_policy(cfg, self.federation_meta(infos, stats), stats)
+        counts = model.parameter_counts(self.bundle.policy)
+        self.run.update_summary(
+            parameters=counts,
+            clients={
+                i["name"]: {
+                    k: i[k] for k in ("partition-id", "episodes", "frames", "train-episodes", "heldout-episodes")
+                }
+                for i in infos
+            },
+        )
+        self.eval_sets = self._server_eval_sets() if cfg.eval.where == "server" else {}
+        shared = {"frozen-fingerprint": model.frozen_fingerprint(self.bundle.policy), "num-rounds": cfg.fl.num_rounds}
+        strategy = make_strategy(cfg, self)
+        initial = to_numpy_record(model.get_trainable(self.bundle.policy))
+        self.log(
+            f"{len(infos)} clients, {counts['trainable']:,} trainable of {counts['total']:,} parameters, "
+            f"strategy {cfg.fl.strategy}, {cfg.fl.num_rounds} rounds x {cfg.train.local_steps} local steps"
+        )
+        strategy.start(
+            grid=self.grid,
+            initial_arrays=initial,
+            num_rounds=cfg.fl.num_rounds,
+            timeout=cfg.fl.round_timeout_s,
+            train_config=ConfigRecord({**shared, "proximal-mu": cfg.fl.proximal_mu}),
+            evaluate_config=ConfigRecord(shared),
+            evaluate_fn=self.end_of_round,
+        )
+
+    def _server_eval_sets(self) -> dict[str, Any]:
+        sets = {}
+        for i, client in enumerate(self.cfg.data.clients):
+            try:
+                local = data.open_client(self.cfg, i)
+            except data.DatasetNotAvailableError as e:
+                raise RuntimeError(
+                    f"eval.where=server but the server cannot read client {client.name!r}'s dataset; "
+                    f"use eval.where=clients when the data stays on the clients.\n{e}"
+                ) from e
+            sets[client.name] = data.open_dataset(
+                local, local.heldout_episodes, self.bundle.config, self.cfg.data.video_backend
+            )
+        return sets
+
+    # -- per round
+    def start_round(self, server_round: int) -> None:
+        self.round_state = {"t0": time.perf_counter(), "train": {}, "failures": [], "client_evals": {}}
+
+    def eval_due(self, server_round: int) -> bool:
+        every, last = self.cfg.eval.every, self.cfg.fl.num_rounds
+        return server_round == 0 or server_round % every == 0 or server_round == last
+
+    def accept_train_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """Decode, check and order the replies; errors and malformed updates are recorded and left out."""
+        st = self.round_state
+        global_w = st["global"]
+        accepted = []
+        received = 0
+        for reply in replies:
+            name = self.names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+            if reply.has_error():
+                st["failures"].append({"client": name, "round": server_round, "reason": reply.error.reason})
+                continue
+            arrays = reply.content["arrays"]
+            received += payload_bytes(arrays)
+            problem = check_update(arrays, global_w)
+            if problem is None:
+                weights = decode_arrays(arrays, reference=global_w)
+                if not all(torch.isfinite(w).all() for w in weights.values()):
+                    problem = "update has NaN or Inf values"
+            if problem is not None:
+                st["failures"].append({"client": name, "round": server_round, "reason": f"rejected: {problem}"})
+                continue
+            reply.content["arrays"] = to_numpy_record(weights)
+            metrics = dict(reply.content["metrics"])
+            st["train"][name] = {k: v for k, v in metrics.items() if k != "num-examples"}
+            accepted.append(reply)
+        st["bytes_received"] = received
+        need = self.cfg.fl.min_train_clients or len(self.cfg.data.clients)
+        if len(accepted) < need:
+            reasons = "; ".join(f"{f['client']}: {f['reason']}" for f in st["failures"]) or "no replies"
+            raise RuntimeError(
+                f"round {server_round}: only {len(accepted)} usable client updates, "
+                f"fl.min_train_clients={need} needed ({reasons})"
+            )
+        accepted.sort(key=lambda r: int(r.content["metrics"]["partition-id"]))  # same sum order every run
+        st["train_seconds"] = time.perf_counter() - st["t0"]
+        return accepted
+
+    def collect_client_evals(self, server_round: int, replies: list[Message]) -> None:
+        for reply in replies:
+            name = self.names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
+            if reply.has_error():
+                self.round_state["failures"].append(
+                    {"client": name, "round": server_round, "phase": "evaluate", "reason": reply.error.reason}
+                )
+            else:
+                self.round_state["client_evals"][name] = eval_from_metrics(dict(reply.content["metrics"]))
+
+    def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower calls this after every round (and before round 1): evaluate, record, checkpoint."""
+        cfg, st = self.cfg, self.round_state
+        if server_round == 0:
+            self.start_round(0)
+        t_eval = time.perf_counter()
+        model.set_trainable(self.bundle.policy, decode_arrays(arrays))
+        evals: dict[str, Any] = {}
+        if self.eval_due(server_round):
+            if cfg.eval.where == "server":
+                evals = {name: train.evaluate(self.bundle, ds, cfg) for name, ds in self.eval_sets.items()}
+            else:
+                evals = st.get("client_evals", {})
+        eval_seconds = time.perf_counter() - t_eval
+        mean = train.combine_clients(evals, cfg) if evals else {}
+        record: dict[str, Any] = {"round": server_round, "time": utc_now()}
+        if server_round > 0:
+            clients = st.get("train", {})
+            samples = sum(m.get("samples", 0) for m in clients.values()) or 1
+            keys = sorted({k for m in clients.values() for k in m if k not in ("partition-id",)})
+            record["train"] = {
+                "clients": clients,
+                "aggregate": {
+                    k: sum(m[k] * m.get("samples", 0) for m in clients.values() if k in m) / samples for k in keys
+                },
+            }
+            sent = st.get("train_bytes_sent", 0) + st.get("evaluate_bytes_sent", 0)
+            record |= {
+                "bytes_sent": sent,
+                "bytes_received": st.get("bytes_received", 0),
+                "failures": st.get("failures", []),
+                "num_train_clients": len(clients),
+            }
+            self.totals["bytes_sent"] += sent
+            self.totals["bytes_received"] += st.get("bytes_received", 0)
+            self.totals["train_samples"] += sum(m.get("samples", 0) for m in clients.values())
+            self.totals["train_steps"] += sum(m.get("steps", 0) for m in clients.values())
+        if evals:
+            record["eval"] = {"clients": evals, "mean": mean}
+        t_ckpt = time.perf_counter()
+        self._checkpoint(server_round, mean)
+        record["seconds"] = {
+            "round": time.perf_counter() - st.get("t0", t_eval),
+            "train": st.get("train_seconds"),
+            "evaluate": eval_seconds,
+            "checkpoint": time.perf_counter() - t_ckpt,
+        }
+        self.run.append_round(record)
+        self._progress(server_round, record)
+        self.run.update_summary(
+            rounds_completed=server_round,
+            best=self.best,
+            totals=self.totals,
+            wall_seconds=time.perf_counter() - self.t_start,
+        )
+        return MetricRecord({k: v for k, v in mean.items() if isinstance(v, float)})
+
+    def _checkpoint(self, server_round: int, mean: dict[str, Any]) -> None:
+        if server_round == 0 or not self.cfg.output.save_checkpoints:
+            return
+        if "loss" in mean and (self.best is None or mean["loss"] < self.best["loss"]):
+            self.best = {"round": server_round, **mean}
+            model.save_policy(self.bundle, self.run.checkpoint("best"))
+        if server_round == self.cfg.fl.num_rounds:
+            model.save_policy(self.bundle, self.run.checkpoint("final"))
+
+    def _progress(self, server_round: int, record: dict[str, Any]) -> None:
+        parts = [f"round {server_round}/{self.cfg.fl.num_rounds}"]
+        if "train" in record:
+            agg = record["train"]["aggregate"]
+            parts.append(
+                f"train loss {agg.get('train_loss', float('nan')):.4f} ({record['num_train_clients']} clients)"
+            )
+        mean = record.get("eval", {}).get("mean", {})
+        if "loss" in mean:
+            lo, hi = mean["loss_ci"]
+            parts.append(f"eval loss {mean['loss']:.4f} [{lo:.4f}, {hi:.4f}]")
+        if "action_mae" in mean:
+            parts.append(f"action MAE {mean['action_mae']:.3f}")
+        if record.get("failures"):
+            parts.append(f"{len(record['failures'])} failures")
+        parts.append(f"{record['seconds']['round']:.1f}s")
+        self.log(", ".join(parts))
+
+    @staticmethod
+    def log(line: str) -> None:
+        print(f"[zk0] {line}", flush=True)
+
+
+class _StatsOnly:
+    """What lerobot's stats merge reads from a dataset's metadata."""
+
+    def __init__(self, stats: dict):
+        self.stats = stats
+
+
+def check_update(arrays: ArrayRecord, global_w: dict[str, torch.Tensor]) -> str | None:
+    """Why a returned update cannot be aggregated (keys, shapes, dtype), or None when it can."""
+    if set(arrays.keys()) != set(global_w):
+        missing, extra = set(global_w) - set(arrays.keys()), set(arrays.keys()) - set(global_w)
+        return f"keys differ from the global weights ({len(missing)} missing, {len(extra)} unexpected)"
+    for name, arr in arrays.items():
+        if tuple(arr.shape) != tuple(global_w[name].shape):
+            return f"{name}: shape {tuple(arr.shape)} != {tuple(global_w[name].shape)}"
+        if arr.stype in (RAW, RAW_DELTA) and arr.dtype not in _TORCH_DTYPES:
+            return f"{name}: unsupported dtype {arr.dtype}"
+    return None
+
+
+def check_compatible(infos: list[dict[str, Any]], cfg: ExperimentConfig) -> None:
+    """Clients must agree on state/action shapes and names, fps and (renamed) cameras."""
+    rename = cfg.data.rename_map
+    ref = infos[0]
+    problems = []
+
+    def sig(info: dict[str, Any]) -> dict[str, Any]:
+        feats = info["features"]
+        return {
+            "fps": info["fps"],
+            "state": (feats.get("observation.state", {}).get("shape"), feats.get("observation.state", {}).get("names")),
+            "action": (feats.get("action", {}).get("shape"), feats.get("action", {}).get("names")),
+            "cameras": sorted(rename.get(k, k) for k, v in feats.items() if v.get("dtype") in ("video", "image")),
+        }
+
+    base = sig(ref)
+    for info in infos[1:]:
+        other = sig(info)
+        for key, value in other.items():
+            if value != base[key]:
+                problems.append(f"{info['name']} {key} = {value} but {ref['name']} {key} = {base[key]}")
+    if problems:
+        raise RuntimeError(
+            "clients' datasets do not line up:\n  - "
+            + "\n  - ".join(problems)
+            + "\nAlign camera names with data.rename_map, or leave the odd client out."
+        )
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def server_main(grid: Grid, context: Context) -> None:
+    env.quiet()
+    cfg = config_from_run_config(dict(context.run_config))
+    env.use_offline_hub_if_possible(cfg)
+    run_dir = str(context.run_config.get("run-dir", "") or "")
+    run = RunRecord(run_dir) if run_dir and (Path(run_dir) / "config.json").exists() else RunRecord.create(cfg)
+    server = FederatedServer(cfg, run, grid)
+    try:
+        server.run_rounds()
+    except BaseException as e:
+        run.fail(f"{type(e).__name__}: {e}")
+        raise
+    run.update_summary(
+        status="completed",
+        finished_at=utc_now(),
+        wall_seconds=time.perf_counter() - server.t_start,
+        final=_final_eval(run),
+        best=server.best,
+        totals=server.totals,
+    )
+    server.log(f"run {run.run_id} completed: {run.path}")
+
+
+def _final_eval(run: RunRecord) -> dict[str, Any] | None:
+    evaluated = [r for r in run.rounds() if "eval" in r]
+    if not evaluated:
+        return None
+    last = evaluated[-1]
+    return {"round": last["round"], **last["eval"]["mean"]}

@@ -1,0 +1,409 @@
+"""SmolVLA through lerobot's factories: pretrained (Hub or folder) or a tiny offline one.
+
+The tiny SmolVLA differs from `lerobot/smolvla_base` only in size: its VLM (config, tokenizer and
+processor) is generated here, deterministically, and installed into the local Hugging Face cache under
+the repo id `zk0/tiny-smolvlm2`, so saved policies name it exactly as real ones name
+`HuggingFaceTB/SmolVLM2-500M-Video-Instruct`, and reload with `SmolVLAPolicy.from_pretrained` anywhere
+that cache entry exists (`zk0lib.model.ensure_tiny_vlm()` recreates it bit for bit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from zk0lib.config import TINY, ExperimentConfig
+
+TINY_VLM_REPO = "zk0/tiny-smolvlm2"
+TINY_IMAGE_SIZE = 128
+SMOLVLM2_500M = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
+_SPECIAL_TOKENS = {
+    "image_token": "<image>",
+    "fake_image_token": "<fake_token_around_image>",
+    "global_image_token": "<global-img>",
+    "end_of_utterance_token": "<end_of_utterance>",
+}
+# Text the tiny tokenizer is trained on: the words of SO-100/101 task strings, so prompts tokenize
+# into words rather than bytes.
+_CORPUS = [
+    "pick up the red cube and place it on the green target",
+    "pick up the blue cube and place it in the box",
+    "move the gripper to the yellow marker and close it",
+    "stack the orange block on the purple block",
+    "sort the cubes by colour into the left and right bins",
+    "grasp a lego brick and put it in the bowl",
+    "open the gripper, lower the arm, close, lift, traverse, lower and release",
+]
+
+
+class ModelNotAvailableError(RuntimeError):
+    """A pretrained policy or VLM is neither in the local cache nor downloadable."""
+
+
+# ----------------------------------------------------------------------------- tiny VLM
+
+
+def _write_vlm_folder(dest: Path, text: dict[str, Any], vision: dict[str, Any], scale_factor: int) -> None:
+    """A SmolVLM config + byte-level BPE tokenizer + processor, all made locally."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<pad>", *_SPECIAL_TOKENS.values()]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<pad>",
+        unk_token="<|endoftext|>",
+        extra_special_tokens=dict(_SPECIAL_TOKENS),
+        model_max_length=2048,
+    )
+    text = {"vocab_size": len(tokenizer), **text, "pad_token_id": tokenizer.pad_token_id}
+    config = SmolVLMConfig(
+        text_config={"model_type": "llama", "tie_word_embeddings": False, **text},
+        vision_config=vision,
+        scale_factor=scale_factor,
+        image_token_id=tokenizer.image_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=text["vocab_size"],
+    )
+    size = {"longest_edge": vision["image_size"]}
+    seq_len = (vision["image_size"] // vision["patch_size"]) ** 2 // scale_factor**2
+    processor = SmolVLMProcessor(
+        image_processor=SmolVLMImageProcessor(size=size, max_image_size=size, do_image_splitting=False),
+        tokenizer=tokenizer,
+        video_processor=SmolVLMVideoProcessor(size=size, max_image_size=size),
+        image_seq_len=seq_len,
+    )
+    config.save_pretrained(dest)
+    processor.save_pretrained(dest)
+
+
+def _tiny_vlm_folder(dest: Path) -> None:
+    _write_vlm_folder(
+        dest,
+        text={
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 32,
+            "max_position_embeddings": 1024,
+            "rope_theta": 10000.0,
+        },
+        vision={
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": TINY_IMAGE_SIZE,
+            "patch_size": 16,
+        },
+        scale_factor=2,
+    )
+
+
+def smolvlm2_500m_folder(dest: Path) -> None:
+    """A config-only stand-in for SmolVLM2-500M (its published dimensions) to build smolvla_base on meta."""
+    _write_vlm_folder(
+        dest,
+        text={
+            "hidden_size": 960,
+            "intermediate_size": 2560,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 15,
+            "num_key_value_heads": 5,
+            "head_dim": 64,
+            "max_position_embeddings": 8192,
+            "rope_theta": 100000.0,
+            "rms_norm_eps": 1e-5,
+            "vocab_size": 49280,
+        },
+        vision={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "image_size": 512,
+            "patch_size": 16,
+        },
+        scale_factor=4,
+    )
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def ensure_tiny_vlm() -> str:
+    """Install the tiny VLM into the local Hugging Face cache (once) and return its repo id."""
+    repo_dir = _hub_cache() / ("models--" + TINY_VLM_REPO.replace("/", "--"))
+    ref = repo_dir / "refs" / "main"
+    if ref.exists() and (repo_dir / "snapshots" / ref.read_text().strip() / "tokenizer.json").exists():
+        return TINY_VLM_REPO
+    with tempfile.TemporaryDirectory() as tmp:
+        built = Path(tmp) / "vlm"
+        _tiny_vlm_folder(built)
+        digest = hashlib.sha1()
+        for f in sorted(built.iterdir()):
+            digest.update(f.name.encode() + f.read_bytes())
+        commit = digest.hexdigest()
+        snapshot = repo_dir / "snapshots" / commit
+        if not snapshot.exists():
+            snapshot.parent.mkdir(parents=True, exist_ok=True)
+            staging = snapshot.parent / f".{commit}.{os.getpid()}"
+            shutil.copytree(built, staging)
+            try:
+                staging.rename(snapshot)
+            except OSError:  # another process installed it first
+                shutil.rmtree(staging, ignore_errors=True)
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        tmp_ref = ref.with_name(f".main.{os.getpid()}")
+        tmp_ref.write_text(commit)
+        tmp_ref.replace(ref)
+    return TINY_VLM_REPO
+
+
+# ----------------------------------------------------------------------------- policy
+
+
+@dataclass
+class PolicyBundle:
+    """A policy with the processors that feed it; one per process, reused across rounds and clients."""
+
+    policy: Any
+    preprocessor: Any
+    postprocessor: Any
+    device: torch.device
+
+    @property
+    def config(self) -> Any:
+        return self.policy.config
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"model.device={name} but CUDA is not available here; use model.device=cpu or auto")
+    return torch.device(name)
+
+
+def _load_pretrained_config(pretrained: str) -> Any:
+    from lerobot.configs.policies import PreTrainedConfig
+
+    try:
+        return PreTrainedConfig.from_pretrained(pretrained)
+    except Exception as e:  # noqa: BLE001 - any failure here means "not available", explained below
+        raise ModelNotAvailableError(_missing_model_message(pretrained, e)) from e
+
+
+def _missing_model_message(pretrained: str, error: Exception) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    return (
+        f"cannot load the policy {pretrained!r}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
+        f"It is not in the local Hugging Face cache ({_hub_cache()}) "
+        f"{'and HF_HUB_OFFLINE is set' if offline else 'and the Hub could not be reached'}.\n"
+        "Pre-download it on a machine with network, with the VLM it is built on:\n"
+        f"    huggingface-cli download {pretrained}\n"
+        f"    huggingface-cli download {SMOLVLM2_500M}\n"
+        "then copy that cache folder here (or point HF_HOME at it), or set model.pretrained to a local policy "
+        "folder (one holding config.json and model.safetensors). For an offline run use model.pretrained=tiny."
+    )
+
+
+def policy_config(cfg: ExperimentConfig, device: torch.device) -> Any:
+    """The lerobot SmolVLAConfig for this experiment (tiny, or a pretrained one with our overrides)."""
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+
+    m = cfg.model
+    if m.pretrained == TINY:
+        pc = SmolVLAConfig(
+            vlm_model_name=ensure_tiny_vlm(),
+            load_vlm_weights=False,
+            resize_imgs_with_padding=(TINY_IMAGE_SIZE, TINY_IMAGE_SIZE),
+            num_vlm_layers=4,
+        )
+    else:
+        pc = _load_pretrained_config(m.pretrained)
+        pc.pretrained_path = m.pretrained
+    pc.device = device.type if device.index is None else str(device)
+    pc.chunk_size, pc.n_action_steps, pc.num_steps = m.chunk_size, m.n_action_steps, m.num_denoise_steps
+    pc.freeze_vision_encoder, pc.train_expert_only = m.freeze_vision_encoder, m.train_expert_only
+    pc.train_state_proj = m.train_state_proj
+    t = cfg.train
+    if t.lr is not None:
+        pc.optimizer_lr = t.lr
+    if t.warmup_steps is not None:
+        pc.scheduler_warmup_steps = t.warmup_steps
+    if t.grad_clip_norm is not None:
+        pc.optimizer_grad_clip_norm = t.grad_clip_norm
+    return pc
+
+
+def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBundle:
+    """Policy + processors with the federation's normalization stats; features from the dataset."""
+    from lerobot.configs.types import FeatureType
+    from lerobot.policies.factory import make_policy, make_pre_post_processors
+    from lerobot.processor import RenameObservationsProcessorStep
+    from lerobot.utils.feature_utils import dataset_to_policy_features
+
+    device = resolve_device(cfg.model.device)
+    pc = policy_config(cfg, device)
+    rename = dict(cfg.data.rename_map)
+    features = {rename.get(k, k): v for k, v in dataset_to_policy_features(ds_meta.features).items()}
+    if cfg.model.pretrained == TINY:
+        pc.input_features = {k: f for k, f in features.items() if f.type is not FeatureType.ACTION}
+        torch.manual_seed(cfg.model.init_seed)
+    else:
+        _check_cameras(pc, features, cfg)
+    try:
+        policy = make_policy(pc, ds_meta=ds_meta, rename_map=rename or None)
+    except (OSError, ValueError) as e:
+        if "offline" in str(e).lower() or "not found" in str(e).lower() or "connect" in str(e).lower():
+            raise ModelNotAvailableError(_missing_model_message(cfg.model.pretrained, e)) from e
+        raise
+    norm_features = {**pc.input_features, **pc.output_features}
+    if cfg.model.pretrained == TINY:
+        pre, post = make_pre_post_processors(pc, dataset_stats=stats)
+        for step in pre.steps:
+            if isinstance(step, RenameObservationsProcessorStep):
+                step.rename_map = rename
+    else:
+        pre, post = make_pre_post_processors(
+            pc,
+            pretrained_path=cfg.model.pretrained,
+            preprocessor_overrides={
+                "device_processor": {"device": pc.device},
+                "rename_observations_processor": {"rename_map": rename},
+                "normalizer_processor": {
+                    "stats": stats,
+                    "features": norm_features,
+                    "norm_map": pc.normalization_mapping,
+                },
+            },
+            postprocessor_overrides={
+                "unnormalizer_processor": {
+                    "stats": stats,
+                    "features": pc.output_features,
+                    "norm_map": pc.normalization_mapping,
+                },
+            },
+        )
+    return PolicyBundle(policy=policy, preprocessor=pre, postprocessor=post, device=device)
+
+
+def _check_cameras(pc: Any, features: dict, cfg: ExperimentConfig) -> None:
+    from lerobot.configs.types import FeatureType
+
+    expected = {k for k, f in pc.input_features.items() if f.type is FeatureType.VISUAL}
+    provided = {k for k, f in features.items() if f.type is FeatureType.VISUAL}
+    if expected and not (expected & provided):
+        raise ValueError(
+            f"the policy {cfg.model.pretrained!r} expects cameras {sorted(expected)} but the dataset provides "
+            f"{sorted(provided)} (after data.rename_map={cfg.data.rename_map}). Map the dataset's camera keys to "
+            "the policy's with data.rename_map, e.g. "
+            '--set \'data.rename_map={"observation.images.top": "observation.images.camera1"}\''
+        )
+
+
+# ----------------------------------------------------------------------------- trainable weights
+
+
+def trainable_parameters(policy: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The parameters that train and travel (lerobot's freeze_vision_encoder / train_expert_only)."""
+    return [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+
+
+def get_trainable(policy: torch.nn.Module) -> OrderedDict[str, torch.Tensor]:
+    """Detached fp32 CPU copies of the trainable parameters, in a fixed order."""
+    return OrderedDict((n, p.detach().to("cpu", torch.float32).clone()) for n, p in trainable_parameters(policy))
+
+
+@torch.no_grad()
+def set_trainable(policy: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    params = dict(trainable_parameters(policy))
+    missing, unexpected = set(params) - set(weights), set(weights) - set(params)
+    if missing or unexpected:
+        raise ValueError(
+            f"trainable weights do not match the policy: {len(missing)} missing (e.g. {sorted(missing)[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {sorted(unexpected)[:3]}); are both sides using the same "
+            "model.pretrained and freeze settings?"
+        )
+    for name, param in params.items():
+        value = weights[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"weight {name}: shape {tuple(value.shape)} != policy's {tuple(param.shape)}")
+        param.copy_(value.to(param.device, param.dtype))
+
+
+def frozen_fingerprint(policy: torch.nn.Module) -> str:
+    """A hash of every frozen parameter: server and clients must share the same frozen backbone."""
+    digest = hashlib.blake2b(digest_size=12)
+    for name, p in policy.named_parameters():
+        if not p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def parameter_counts(policy: torch.nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in policy.parameters())
+    trainable = sum(p.numel() for _, p in trainable_parameters(policy))
+    return {"total": total, "trainable": trainable, "frozen": total - trainable}
+
+
+def save_policy(bundle: PolicyBundle, path: Path) -> None:
+    """A lerobot policy folder (config, weights, processors), written to a temp folder then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    bundle.policy.save_pretrained(tmp)
+    bundle.preprocessor.save_pretrained(tmp)
+    bundle.postprocessor.save_pretrained(tmp)
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        path.rename(old)
+    tmp.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_policy(path: str | Path, device: str = "cpu") -> PolicyBundle:
+    """Reload a saved policy folder with lerobot (installing the tiny VLM first if it is named)."""
+    import json
+
+    from lerobot.policies.factory import make_pre_post_processors
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    path = Path(path)
+    if json.loads((path / "config.json").read_text()).get("vlm_model_name") == TINY_VLM_REPO:
+        ensure_tiny_vlm()
+    policy = SmolVLAPolicy.from_pretrained(path)
+    dev = resolve_device(device)
+    policy.to(dev)
+    pre, post = make_pre_post_processors(
+        policy.config, pretrained_path=str(path), preprocessor_overrides={"device_processor": {"device": dev.type}}
+    )
+    return PolicyBundle(policy=policy, preprocessor=pre, postprocessor=post, device=dev)

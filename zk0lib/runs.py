@@ -1,0 +1,174 @@
+"""Run records: reports/runs/<run-id>/ with config.json, metrics.jsonl, summary.json, checkpoints/.
+
+Every file is written whole to a temporary name and renamed, so a reader never sees half a record.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import platform
+import secrets
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from zk0lib.config import ExperimentConfig, zk0_home
+
+PACKAGES = ("torch", "lerobot", "flwr", "transformers", "numpy", "ray", "torchcodec", "av", "huggingface_hub")
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_run_id(preset: str) -> str:
+    return f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{preset}-{secrets.token_hex(2)}"
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null, numpy scalars and tuples become plain values."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def git_commit() -> dict[str, Any]:
+    """The checkout's commit and whether it had uncommitted changes (None outside a git checkout)."""
+    try:
+        home = zk0_home()
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=home, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=home,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hostname": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "packages": versions,
+        "git": git_commit(),
+    }
+    try:
+        import torch
+
+        env["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        env["cuda"] = None
+    return env
+
+
+class RunRecord:
+    """One run's folder. The ServerApp appends rounds; `zk0 train`/notebooks create and read it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    @classmethod
+    def create(cls, cfg: ExperimentConfig, kind: str = "federated") -> RunRecord:
+        """A new run folder with config.json and a 'running' summary; refuses to reuse a finished run id."""
+        run_id = cfg.output.run_id or new_run_id(cfg.preset)
+        cfg.output.run_id = run_id
+        run = cls(cfg.runs_dir / run_id)
+        if (run.path / "summary.json").exists():
+            raise FileExistsError(f"run {run_id!r} already exists at {run.path}; choose another --run-id")
+        run.path.mkdir(parents=True, exist_ok=True)
+        write_json(
+            run.path / "config.json",
+            {"kind": kind, "config": cfg.to_dict(), "environment": environment(), "created_at": utc_now()},
+        )
+        run.write_summary(
+            {"status": "running", "run_id": run_id, "kind": kind, "preset": cfg.preset, "started_at": utc_now()}
+        )
+        return run
+
+    # -- reading
+    def config(self) -> ExperimentConfig:
+        return ExperimentConfig.from_dict(read_json(self.path / "config.json")["config"])
+
+    def summary(self) -> dict[str, Any]:
+        path = self.path / "summary.json"
+        return read_json(path) if path.exists() else {}
+
+    def rounds(self) -> list[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    # -- writing
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        write_json(self.path / "summary.json", summary)
+
+    def update_summary(self, **fields: Any) -> dict[str, Any]:
+        summary = self.summary() | fields
+        self.write_summary(summary)
+        return summary
+
+    def append_round(self, record: dict[str, Any]) -> None:
+        """Add one JSON line; the file is rewritten whole, so a crash leaves the previous rounds intact."""
+        path = self.path / "metrics.jsonl"
+        old = path.read_text(encoding="utf-8") if path.exists() else ""
+        atomic_write_text(path, old + json.dumps(_clean(record), sort_keys=True) + "\n")
+
+    def checkpoint(self, name: str) -> Path:
+        return self.path / "checkpoints" / name
+
+    def fail(self, error: str) -> None:
+        self.update_summary(status="failed", error=error, finished_at=utc_now())
+
+
+def list_runs(runs_dir: str | Path) -> list[RunRecord]:
+    root = Path(runs_dir)
+    if not root.exists():
+        return []
+    return sorted((RunRecord(p) for p in root.iterdir() if (p / "config.json").exists()), key=lambda r: r.run_id)

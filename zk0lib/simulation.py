@@ -1,0 +1,276 @@
+"""`run_federated`: a Flower simulation through Flower's supported path, started and stopped by zk0.
+
+zk0 starts a private simulation SuperLink on a free loopback port (its own FLWR_HOME, runtime dependency
+installation off, telemetry off), submits the app with `flwr run --stream`, relays the ServerApp's
+progress lines, and on return or failure stops the SuperLink with every process it started (SuperExec,
+flwr-simulation, Ray), so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zk0lib import env
+from zk0lib.config import ExperimentConfig, validate
+from zk0lib.data import dataset_location
+from zk0lib.federation import encode_config
+from zk0lib.model import ensure_tiny_vlm
+from zk0lib.runs import RunRecord
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class FederatedRunError(RuntimeError):
+    """The federated run failed; the run folder holds the reason and flower.log the details."""
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    path: Path
+    status: str
+    summary: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    wall_seconds: float
+
+    @property
+    def record(self) -> RunRecord:
+        return RunRecord(self.path)
+
+
+def staged_app(cache_dir: Path) -> Path:
+    """The Flower app (pyproject.toml + zk0lib sources) copied into a small folder.
+
+    `flwr run .` in the checkout works too, but Flower walks every file under the app folder (the
+    .venv included) to build the FAB: ~20 s here. The staged copy holds only what the FAB carries.
+    """
+    src = Path(__file__).resolve().parents[1]
+    pyproject = src / "pyproject.toml"
+    if not pyproject.exists() or "[tool.flwr.app]" not in pyproject.read_text():
+        raise FederatedRunError(f"no Flower app found at {src}: run zk0 from its source checkout")
+    files = {
+        "pyproject.toml": pyproject,
+        **{str(p.relative_to(src)): p for p in sorted((src / "zk0lib").rglob("*.py"))},
+    }
+    digest = hashlib.sha256(b"".join(k.encode() + p.read_bytes() for k, p in files.items())).hexdigest()[:12]
+    dest = cache_dir / "flwr" / f"app-{digest}"
+    if not dest.exists():
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+        for rel, path in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, tmp / rel)
+        try:
+            tmp.rename(dest)
+        except OSError:  # staged by another run meanwhile
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _bin(name: str) -> str:
+    exe = Path(sys.executable).parent / name
+    return str(exe) if exe.exists() else (shutil.which(name) or name)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(cfg: ExperimentConfig) -> None:
+    """Make what every process will open, once, before any of them start (no races between clients)."""
+    for client in cfg.data.clients:
+        dataset_location(cfg, client)
+    if cfg.model.pretrained == "tiny":
+        ensure_tiny_vlm()
+
+
+def _kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop a process and all its descendants (SuperExec, simulation, Ray workers)."""
+    import psutil
+
+    try:
+        root = psutil.Process(proc.pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        family = []
+    for p in family:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # anything that escaped the tree but kept the session
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait(timeout=5)
+
+
+class LocalSuperLink:
+    """A private simulation SuperLink on loopback; a context manager that always cleans up."""
+
+    def __init__(self, cfg: ExperimentConfig, log_path: Path):
+        self.cfg, self.log_path = cfg, log_path
+        self.port = _free_port()
+        self.home = cfg.cache_dir / "flwr" / f"link-{self.port}"
+        self.connection = "zk0-local"
+        self.proc: subprocess.Popen | None = None
+        self.env = self._env()
+
+    def _env(self) -> dict[str, str]:
+        e = dict(os.environ)
+        e |= env.QUIET | {
+            "FLWR_HOME": str(self.home),
+            "ZK0_HOME": str(self.cfg.home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1",
+            # the SuperLink starts `flower-superexec` and `flwr-simulation` by name
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
+        if os.environ.get("HF_HUB_OFFLINE"):
+            e["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+        return e
+
+    def __enter__(self) -> LocalSuperLink:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
+        )
+        self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
+        self.proc = subprocess.Popen(
+            [
+                _bin("flower-superlink"),
+                "--insecure",
+                "--simulation",
+                "--disable-runtime-dependency-installation",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self, timeout_s: float = 60.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise FederatedRunError(
+                    f"flower-superlink exited with code {self.proc.returncode}; see {self.log_path}"
+                )
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise FederatedRunError(f"flower-superlink did not become ready in {timeout_s:.0f}s; see {self.log_path}")
+
+    def flwr(self, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+        return subprocess.run([_bin("flwr"), *args], env=self.env, capture_output=True, text=True, **kwargs)
+
+    def run_status(self, flower_run_id: str) -> str:
+        out = self.flwr("ls", self.connection, "--run-id", flower_run_id, "--format", "json", timeout=60)
+        try:
+            runs = json.loads(out.stdout)["runs"]
+            return runs[0]["status"]
+        except (ValueError, KeyError, IndexError):
+            return "unknown"
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.proc is not None:
+            _kill_tree(self.proc)
+        self._log.close()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+
+def run_federated(
+    cfg: ExperimentConfig, progress: Callable[[str], None] | None = print, run: RunRecord | None = None
+) -> RunResult:
+    """Run the federation in simulation (one virtual client per dataset) and return its record."""
+    t0 = time.perf_counter()
+    env.quiet()
+    validate(cfg)
+    env.use_offline_hub_if_possible(cfg)
+    run = run or RunRecord.create(cfg)
+    log_path = run.path / "flower.log"
+    flower_run_id, status = "", "unknown"
+    try:
+        prepare(cfg)
+        with LocalSuperLink(cfg, log_path) as link:
+            fed = (
+                f"num-supernodes={len(cfg.data.clients)} client-resources-num-cpus={cfg.fl.client_num_cpus} "
+                f"client-resources-num-gpus={cfg.fl.client_num_gpus}"
+            )
+            run_conf = f'config-json="{encode_config(cfg)}" run-dir="{run.path}"'
+            cmd = [
+                _bin("flwr"),
+                "run",
+                str(staged_app(cfg.cache_dir)),
+                link.connection,
+                "--stream",
+                "--federation-config",
+                fed,
+                "--run-config",
+                run_conf,
+            ]
+            with open(log_path, "a", encoding="utf-8") as log:
+                proc = subprocess.Popen(
+                    cmd, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+                )
+                for line in proc.stdout:
+                    log.write(line)
+                    clean = _ANSI.sub("", line).rstrip()
+                    if m := re.search(r"Successfully started run (\d+)", clean):
+                        flower_run_id = m.group(1)
+                    if "[zk0] " in clean and progress is not None:
+                        progress(clean.split("[zk0] ", 1)[1])
+                proc.wait()
+            if flower_run_id:
+                status = link.run_status(flower_run_id)
+    except BaseException as e:
+        if run.summary().get("status") == "running":
+            run.fail(f"{type(e).__name__}: {e}")
+        raise
+    summary = run.summary()
+    if summary.get("status") == "running":
+        summary = run.update_summary(
+            status="failed",
+            error=f"Flower run ended with status {status!r} before the ServerApp finished; see {log_path}",
+        )
+    result = RunResult(
+        run.run_id, run.path, summary.get("status", "unknown"), summary, run.rounds(), time.perf_counter() - t0
+    )
+    if result.status != "completed":
+        raise FederatedRunError(
+            f"run {run.run_id} {result.status}: {summary.get('error', status)}\nrecord: {run.path}\nlog: {log_path}"
+        )
+    return result

@@ -1,0 +1,251 @@
+"""Local training with the FedProx term, and seeded evaluation on held-out episodes."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from zk0lib.config import ExperimentConfig
+from zk0lib.data import batch_stream
+from zk0lib.model import PolicyBundle, trainable_parameters
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 31-bit seed from integers (run seed, round, client, ...)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def autocast(bundle: PolicyBundle, enabled: bool):
+    if enabled and bundle.device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def fedprox_loss(
+    policy: Any,
+    batch: dict,
+    global_params: list[torch.Tensor],
+    mu: float,
+    noise: torch.Tensor | None = None,
+    time_: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, policy loss, proximal term): total = loss + mu/2 * sum ||w - w_global||^2 (trainable only).
+
+    With mu == 0 the proximal term is not even computed: exactly lerobot's plain training loss.
+    """
+    loss, _ = policy.forward(batch, noise=noise, time=time_)
+    if mu == 0:
+        return loss, loss, torch.zeros((), device=loss.device)
+    params = [p for _, p in trainable_parameters(policy)]
+    prox = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params, strict=True))
+    return loss + 0.5 * mu * prox, loss, prox
+
+
+def make_optimizer(policy: Any, total_steps: int, start_step: int) -> tuple[torch.optim.Optimizer, Any]:
+    """lerobot's optimizer and LR-schedule presets; the schedule runs over the whole federated run,
+    so a client's round r continues it at step (r - 1) * local_steps."""
+    params = [p for _, p in trainable_parameters(policy)]
+    optimizer = policy.config.get_optimizer_preset().build(params)
+    preset = policy.config.get_scheduler_preset()
+    if preset is None:
+        return optimizer, None
+    schedule = preset.build(optimizer, total_steps).lr_lambdas[0]
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step + start_step))
+
+
+def train_round(
+    bundle: PolicyBundle,
+    dataset: Any,
+    cfg: ExperimentConfig,
+    server_round: int,
+    client_index: int,
+    mu: float,
+    client_name: str = "",
+) -> dict[str, float]:
+    """`train.local_steps` optimizer steps from the current (global) weights; returns the round's metrics."""
+    t0 = time.perf_counter()
+    policy, steps = bundle.policy, cfg.train.local_steps
+    params = [p for _, p in trainable_parameters(policy)]
+    global_params = [p.detach().clone() for p in params]
+    optimizer, scheduler = make_optimizer(policy, cfg.fl.num_rounds * steps, (server_round - 1) * steps)
+    clip = policy.config.optimizer_grad_clip_norm
+    seed = derive_seed(cfg.seed, server_round, client_index)
+    torch.manual_seed(seed)  # the policy samples flow-matching noise and time from the global RNG
+    stream = batch_stream(dataset, cfg.train.batch_size, cfg.train.num_workers, seed)
+    allowed_skips = math.floor(cfg.train.max_skipped_fraction * steps)
+    losses, proxes, grad_norms, errors = [], [], [], []
+    samples = 0
+    lr = optimizer.param_groups[0]["lr"]
+    policy.train()
+    while len(losses) < steps:
+        batch = next(stream)
+        if "__skipped__" in batch:
+            errors.extend(batch["__skipped__"])
+            if len(errors) > allowed_skips:
+                raise RuntimeError(
+                    f"client {client_name or client_index}: {len(errors)} batches could not be read in round "
+                    f"{server_round} (more than train.max_skipped_fraction={cfg.train.max_skipped_fraction} of "
+                    f"{steps} steps); first error: {errors[0]}. Run `zk0 validate` to find the broken episodes."
+                )
+            continue
+        samples += len(batch["index"])
+        batch = bundle.preprocessor(batch)
+        with autocast(bundle, cfg.train.amp):
+            total, loss, prox = fedprox_loss(policy, batch, global_params, mu)
+        total.backward()
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        proxes.append(prox.item())
+    with torch.no_grad():
+        update_norm = math.sqrt(sum(float(((p - g) ** 2).sum()) for p, g in zip(params, global_params, strict=True)))
+    return {
+        "train_loss": float(np.mean(losses)),
+        "train_loss_std": float(np.std(losses)),
+        "train_loss_last": losses[-1],
+        "prox_term": float(np.mean(proxes)),
+        "grad_norm": float(np.mean(grad_norms)),
+        "update_norm": update_norm,
+        "lr": float(lr),
+        "steps": len(losses),
+        "samples": samples,
+        "skipped_batches": len(errors),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def frame_subset(n: int, k: int | None) -> list[int]:
+    """k evenly spaced frame positions out of n (all when k is None or >= n)."""
+    if k is None or k >= n:
+        return list(range(n))
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
+
+
+def _fixed_noise_time(
+    policy: Any, keys: list[int], seed: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise and flow-matching time that depend only on (seed, frame): the same weights give the same loss.
+
+    Time follows the training distribution, Beta(1.5, 1) scaled to [0.001, 1], by its inverse CDF.
+    """
+    c = policy.config
+    noise, times = [], []
+    for key in keys:
+        g = torch.Generator().manual_seed(derive_seed(seed, key))
+        noise.append(torch.randn(c.chunk_size, c.max_action_dim, generator=g))
+        u = torch.rand((), generator=g)
+        times.append(u ** (1 / 1.5) * 0.999 + 0.001)
+    return torch.stack(noise).to(device), torch.stack(times).to(device)
+
+
+def _loader(dataset: Any, positions: list[int], batch_size: int, num_workers: int):
+    from zk0lib.data import _one_thread_worker
+
+    return torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, positions),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        worker_init_fn=_one_thread_worker if num_workers else None,
+    )
+
+
+@torch.no_grad()
+def evaluate(bundle: PolicyBundle, dataset: Any, cfg: ExperimentConfig) -> dict[str, Any]:
+    """Seeded flow-matching loss and sampled-action error on a client's held-out episodes.
+
+    Loss: every held-out frame (or `eval.max_frames` evenly spaced ones) with noise and time fixed by
+    (eval.seed, frame index). Action error: the mean absolute error, in dataset units, between the
+    action chunk sampled from fixed noise and the recorded one (padding excluded), on
+    `eval.action_frames` evenly spaced frames. Both are averaged per episode, then over episodes,
+    with a bootstrap 95% interval over episodes.
+    """
+    e = cfg.eval
+    policy = bundle.policy
+    policy.eval()
+    policy.reset()
+    loss_by_ep: dict[int, list[float]] = {}
+    mae_by_ep: dict[int, list[np.ndarray]] = {}
+    n = len(dataset)
+    with autocast(bundle, cfg.train.amp):
+        for batch in _loader(dataset, frame_subset(n, e.max_frames), e.batch_size, cfg.train.num_workers):
+            keys = batch["index"].tolist()
+            episodes = batch["episode_index"].tolist()
+            noise, times = _fixed_noise_time(policy, keys, e.seed, bundle.device)
+            per_sample, _ = policy.forward(bundle.preprocessor(batch), noise=noise, time=times, reduction="none")
+            for ep, value in zip(episodes, per_sample.float().cpu().tolist(), strict=True):
+                loss_by_ep.setdefault(ep, []).append(value)
+        for batch in _loader(dataset, frame_subset(n, e.action_frames), e.batch_size, cfg.train.num_workers):
+            recorded, pad = batch["action"].float().clone(), batch["action_is_pad"]
+            keys = batch["index"].tolist()
+            noise, _ = _fixed_noise_time(policy, keys, e.seed + 1, bundle.device)
+            chunk = policy.predict_action_chunk(bundle.preprocessor(batch), noise=noise)
+            predicted = bundle.postprocessor(chunk).float()
+            valid = (~pad).unsqueeze(-1).float()
+            err = ((predicted - recorded).abs() * valid).sum(1) / valid.sum(1).clamp_min(1)  # (B, joints)
+            for ep, row in zip(batch["episode_index"].tolist(), err.numpy(), strict=True):
+                mae_by_ep.setdefault(ep, []).append(row)
+    policy.reset()
+    ep_loss = {ep: float(np.mean(v)) for ep, v in sorted(loss_by_ep.items())}
+    ep_mae_joint = {ep: np.mean(v, axis=0) for ep, v in sorted(mae_by_ep.items())}
+    ep_mae = {ep: float(v.mean()) for ep, v in ep_mae_joint.items()}
+    result: dict[str, Any] = {
+        "loss": float(np.mean(list(ep_loss.values()))),
+        "loss_ci": bootstrap_ci([list(ep_loss.values())], e.bootstrap, e.seed),
+        "frames": sum(len(v) for v in loss_by_ep.values()),
+        "episodes": len(ep_loss),
+        "episode_loss": {str(k): v for k, v in ep_loss.items()},
+    }
+    if ep_mae:
+        result |= {
+            "action_mae": float(np.mean(list(ep_mae.values()))),
+            "action_mae_ci": bootstrap_ci([list(ep_mae.values())], e.bootstrap, e.seed),
+            "action_mae_joint": [float(x) for x in np.mean(list(ep_mae_joint.values()), axis=0)],
+            "action_frames": sum(len(v) for v in mae_by_ep.values()),
+            "episode_action_mae": {str(k): v for k, v in ep_mae.items()},
+        }
+    return result
+
+
+def bootstrap_ci(groups: list[list[float]], n_boot: int, seed: int) -> list[float]:
+    """95% percentile interval of the mean of group means, resampling units within each group.
+
+    One group: the usual bootstrap over episodes. Several (clients): a stratified bootstrap of the
+    mean over clients, each client's episodes resampled on their own.
+    """
+    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    if not groups:
+        return [float("nan"), float("nan")]
+    point = float(np.mean([g.mean() for g in groups]))
+    if n_boot == 0:
+        return [point, point]
+    rng = np.random.default_rng(seed)
+    draws = np.zeros(n_boot)
+    for g in groups:
+        draws += g[rng.integers(0, len(g), size=(n_boot, len(g)))].mean(axis=1)
+    draws /= len(groups)
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def combine_clients(evals: dict[str, dict[str, Any]], cfg: ExperimentConfig) -> dict[str, Any]:
+    """The mean over clients (each client weighs the same) with a stratified bootstrap interval."""
+    out: dict[str, Any] = {}
+    for key, per_ep in (("loss", "episode_loss"), ("action_mae", "episode_action_mae")):
+        groups = [list(ev[per_ep].values()) for ev in evals.values() if per_ep in ev]
+        if groups:
+            out[key] = float(np.mean([np.mean(g) for g in groups]))
+            out[f"{key}_ci"] = bootstrap_ci(groups, cfg.eval.bootstrap, cfg.eval.seed)
+    return out
