@@ -270,6 +270,8 @@ def parse_overrides(overrides: dict[str, Any] | list[str] | str | None) -> dict[
 
 def set_value(cfg: ExperimentConfig, key: str, value: Any) -> None:
     """Set a dotted key (`fl.num_rounds`, `data.clients.0.heldout_episodes`), converting strings by type."""
+    if key == "preset":
+        raise ConfigError("choose the preset with --preset (or the `preset` parameter), not as an override")
     parts = key.split(".")
     obj: Any = cfg
     for i, part in enumerate(parts[:-1]):

@@ -44,7 +44,8 @@ def dataset_location(cfg: ExperimentConfig, client: ClientConfig) -> tuple[str, 
     return client.repo_id, None
 
 
-def load_metadata(repo_id: str, root: Path | None) -> Any:
+def load_metadata(repo_id: str, root: Path | None, key: str = "data.clients.N") -> Any:
+    """A dataset's LeRobot metadata; `key` names the config entry in the error if it cannot be opened."""
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
     try:
@@ -52,10 +53,10 @@ def load_metadata(repo_id: str, root: Path | None) -> Any:
     except Exception as e:  # noqa: BLE001 - offline and missing datasets fail in many ways; explain once
         where = root if root is not None else f"$HF_LEROBOT_HOME/{repo_id}"
         raise DatasetNotAvailableError(
-            f"dataset {repo_id!r} could not be opened at {where}: {type(e).__name__}: {e}\n"
-            "Without network, pre-download it where it is expected, e.g.\n"
+            f"{key}: dataset {repo_id!r} could not be opened at {where}: {type(e).__name__}: {e}\n"
+            "Without network, pre-download it on a machine that has one, e.g.\n"
             f"    huggingface-cli download --repo-type dataset {repo_id} --local-dir <folder>\n"
-            "and set that client's root (e.g. --set data.clients.0.root=<folder>)."
+            f"copy the folder here and point the client at it: --set {key}.root=<folder>"
         ) from e
 
 
@@ -77,7 +78,7 @@ def split_episodes(cfg: ExperimentConfig, client: ClientConfig, total: int) -> t
 def open_client(cfg: ExperimentConfig, index: int) -> ClientData:
     client = cfg.data.clients[index]
     repo_id, root = dataset_location(cfg, client)
-    meta = load_metadata(repo_id, root)
+    meta = load_metadata(repo_id, root, f"data.clients.{index}")
     train, held = split_episodes(cfg, client, meta.total_episodes)
     return ClientData(index, client.name, repo_id, root, meta, train, held)
 

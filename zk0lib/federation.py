@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -451,10 +452,18 @@ class FederatedServer:
     # -- the run
     def run_rounds(self) -> None:
         cfg = self.cfg
-        infos = self.describe_clients(self.wait_for_nodes())
+        started = {"serverapp_process_age": time.time() - psutil.Process().create_time()}
+        t = time.perf_counter()
+        nodes = self.wait_for_nodes()
+        started["wait_for_clients"] = time.perf_counter() - t
+        t = time.perf_counter()
+        infos = self.describe_clients(nodes)
+        started["describe_clients"] = time.perf_counter() - t
+        t = time.perf_counter()
         self.stats_record = stats_to_record(data.pooled_stats([_StatsOnly(i["stats"]) for i in infos]))
         stats = stats_from_record(self.stats_record)  # what clients get, to the last bit
         self.bundle = model.build_policy(cfg, self.federation_meta(infos, stats), stats)
+        started["build_policy"] = time.perf_counter() - t
         counts = model.parameter_counts(self.bundle.policy)
         self.run.update_summary(
             parameters=counts,
@@ -465,7 +474,10 @@ class FederatedServer:
                 for i in infos
             },
         )
+        t = time.perf_counter()
         self.eval_sets = self._server_eval_sets() if cfg.eval.where == "server" else {}
+        started["open_eval_sets"] = time.perf_counter() - t
+        self.run.update_summary(startup_seconds=started)
         shared = {"frozen-fingerprint": model.frozen_fingerprint(self.bundle.policy), "num-rounds": cfg.fl.num_rounds}
         strategy = make_strategy(cfg, self)
         initial = to_numpy_record(model.get_trainable(self.bundle.policy))

@@ -212,8 +212,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _load_pretrained_config(pretrained: str) -> Any:
+    import lerobot.policies.smolvla.configuration_smolvla  # noqa: F401 - registers the "smolvla" policy type
     from lerobot.configs.policies import PreTrainedConfig
 
+    folder = Path(pretrained).expanduser()
+    if folder.exists():
+        return PreTrainedConfig.from_pretrained(folder)  # a broken local folder raises as it is
+    if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+        raise ModelNotAvailableError(
+            f"model.pretrained={pretrained!r}: no such policy folder, and not a Hub id like 'lerobot/smolvla_base'"
+        )
     try:
         return PreTrainedConfig.from_pretrained(pretrained)
     except Exception as e:  # noqa: BLE001 - any failure here means "not available", explained below
@@ -232,6 +240,11 @@ def _missing_model_message(pretrained: str, error: Exception) -> str:
         "then copy that cache folder here (or point HF_HOME at it), or set model.pretrained to a local policy "
         "folder (one holding config.json and model.safetensors). For an offline run use model.pretrained=tiny."
     )
+
+
+def check_pretrained(pretrained: str) -> None:
+    """Raise ModelNotAvailableError (with what to download) unless the policy's config can be read."""
+    _load_pretrained_config(pretrained)
 
 
 def policy_config(cfg: ExperimentConfig, device: torch.device) -> Any:
@@ -407,3 +420,42 @@ def load_policy(path: str | Path, device: str = "cpu") -> PolicyBundle:
         policy.config, pretrained_path=str(path), preprocessor_overrides={"device_processor": {"device": dev.type}}
     )
     return PolicyBundle(policy=policy, preprocessor=pre, postprocessor=post, device=dev)
+
+
+def smolvla_base_sizes() -> dict[str, Any]:
+    """Parameters and bytes per client per round of `lerobot/smolvla_base`, built offline on the meta device.
+
+    The architecture is SmolVLAConfig's defaults (those smolvla_base was trained with) on a VLM config with
+    SmolVLM2-500M's published dimensions; no weights are read or allocated.
+    """
+    from lerobot.configs.types import FeatureType, PolicyFeature
+    from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
+    from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        smolvlm2_500m_folder(Path(tmp))
+        pc = SmolVLAConfig(vlm_model_name=tmp, load_vlm_weights=False, device="cpu")
+        pc.input_features = {
+            "observation.state": PolicyFeature(FeatureType.STATE, (6,)),
+            **{f"observation.images.camera{i}": PolicyFeature(FeatureType.VISUAL, (3, 256, 256)) for i in (1, 2, 3)},
+        }
+        pc.output_features = {"action": PolicyFeature(FeatureType.ACTION, (6,))}
+        with torch.device("meta"):
+            policy = SmolVLAPolicy(pc)
+    counts = parameter_counts(policy)
+    state_dict_bytes = sum(t.numel() * 4 for t in policy.state_dict().values())
+    mib = 2**20
+    return {
+        "parameters": counts,
+        "bytes_per_round": {
+            "full_state_dict_fp32": state_dict_bytes,
+            "trainable_fp32": counts["trainable"] * 4,
+            "trainable_bf16": counts["trainable"] * 2,
+        },
+        "mib_per_round": {
+            "full_state_dict_fp32": round(state_dict_bytes / mib, 1),
+            "trainable_fp32": round(counts["trainable"] * 4 / mib, 1),
+            "trainable_bf16": round(counts["trainable"] * 2 / mib, 1),
+        },
+        "trainable_bf16_share_of_full": round(counts["trainable"] * 2 / state_dict_bytes, 4),
+    }

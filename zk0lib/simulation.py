@@ -8,7 +8,6 @@ flwr-simulation, Ray), so nothing is left running.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -25,9 +24,9 @@ from typing import Any
 
 from zk0lib import env
 from zk0lib.config import ExperimentConfig, validate
-from zk0lib.data import dataset_location
+from zk0lib.data import dataset_location, load_metadata
 from zk0lib.federation import encode_config
-from zk0lib.model import ensure_tiny_vlm
+from zk0lib.model import check_pretrained, ensure_tiny_vlm
 from zk0lib.runs import RunRecord
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -51,8 +50,8 @@ class RunResult:
         return RunRecord(self.path)
 
 
-def staged_app(cache_dir: Path) -> Path:
-    """The Flower app (pyproject.toml + zk0lib sources) copied into a small folder.
+def stage_app(dest: Path) -> Path:
+    """Copy the Flower app (pyproject.toml + zk0lib sources) into `dest` and return it.
 
     `flwr run .` in the checkout works too, but Flower walks every file under the app folder (the
     .venv included) to build the FAB: ~20 s here. The staged copy holds only what the FAB carries.
@@ -61,21 +60,11 @@ def staged_app(cache_dir: Path) -> Path:
     pyproject = src / "pyproject.toml"
     if not pyproject.exists() or "[tool.flwr.app]" not in pyproject.read_text():
         raise FederatedRunError(f"no Flower app found at {src}: run zk0 from its source checkout")
-    files = {
-        "pyproject.toml": pyproject,
-        **{str(p.relative_to(src)): p for p in sorted((src / "zk0lib").rglob("*.py"))},
-    }
-    digest = hashlib.sha256(b"".join(k.encode() + p.read_bytes() for k, p in files.items())).hexdigest()[:12]
-    dest = cache_dir / "flwr" / f"app-{digest}"
-    if not dest.exists():
-        tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
-        for rel, path in files.items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, tmp / rel)
-        try:
-            tmp.rename(dest)
-        except OSError:  # staged by another run meanwhile
-            shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copy2(pyproject, dest / "pyproject.toml")
+    for path in (src / "zk0lib").rglob("*.py"):
+        target = dest / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
     return dest
 
 
@@ -91,11 +80,27 @@ def _free_port() -> int:
 
 
 def prepare(cfg: ExperimentConfig) -> None:
-    """Make what every process will open, once, before any of them start (no races between clients)."""
-    for client in cfg.data.clients:
-        dataset_location(cfg, client)
+    """Check and make what every process will open, before any starts: fail here, early and clearly,
+    rather than inside a simulation; and no two clients race to write the same dataset."""
+    cpus = os.cpu_count() or 1
+    if cfg.fl.client_num_cpus > cpus:
+        raise FederatedRunError(
+            f"fl.client_num_cpus={cfg.fl.client_num_cpus} but this machine has {cpus} CPUs: "
+            f"no simulated client could start; use --set fl.client_num_cpus={cpus}"
+        )
+    if cfg.fl.client_num_gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FederatedRunError(
+                "fl.client_num_gpus > 0 but no CUDA GPU is visible: use --set fl.client_num_gpus=0 --set model.device=cpu"
+            )
+    for i, client in enumerate(cfg.data.clients):
+        load_metadata(*dataset_location(cfg, client), f"data.clients.{i}")
     if cfg.model.pretrained == "tiny":
         ensure_tiny_vlm()
+    else:
+        check_pretrained(cfg.model.pretrained)
 
 
 def _kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -152,7 +157,7 @@ class LocalSuperLink:
         return e
 
     def __enter__(self) -> LocalSuperLink:
-        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "app").mkdir(parents=True, exist_ok=True)
         (self.home / "config.toml").write_text(
             f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
@@ -212,6 +217,13 @@ class LocalSuperLink:
         shutil.rmtree(self.home, ignore_errors=True)
 
 
+def _last_error(log_path: Path) -> str:
+    """The first exception line Flower logged (the simulation's own failures never reach the ServerApp)."""
+    lines = [_ANSI.sub("", x).strip() for x in log_path.read_text(errors="replace").splitlines()]
+    errors = [x for x in lines if re.match(r"^[\w.]+(Error|Exception): ", x)]
+    return errors[0] if errors else f"see {log_path}"
+
+
 def run_federated(
     cfg: ExperimentConfig, progress: Callable[[str], None] | None = print, run: RunRecord | None = None
 ) -> RunResult:
@@ -220,11 +232,11 @@ def run_federated(
     env.quiet()
     validate(cfg)
     env.use_offline_hub_if_possible(cfg)
+    prepare(cfg)  # before the run folder exists: a run that cannot start leaves nothing behind
     run = run or RunRecord.create(cfg)
     log_path = run.path / "flower.log"
     flower_run_id, status = "", "unknown"
     try:
-        prepare(cfg)
         with LocalSuperLink(cfg, log_path) as link:
             fed = (
                 f"num-supernodes={len(cfg.data.clients)} client-resources-num-cpus={cfg.fl.client_num_cpus} "
@@ -234,7 +246,7 @@ def run_federated(
             cmd = [
                 _bin("flwr"),
                 "run",
-                str(staged_app(cfg.cache_dir)),
+                str(stage_app(link.home / "app")),
                 link.connection,
                 "--stream",
                 "--federation-config",
@@ -242,7 +254,7 @@ def run_federated(
                 "--run-config",
                 run_conf,
             ]
-            with open(log_path, "a", encoding="utf-8") as log:
+            with open(log_path, "a", encoding="utf-8", buffering=1) as log:
                 proc = subprocess.Popen(
                     cmd, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
                 )
@@ -264,7 +276,7 @@ def run_federated(
     if summary.get("status") == "running":
         summary = run.update_summary(
             status="failed",
-            error=f"Flower run ended with status {status!r} before the ServerApp finished; see {log_path}",
+            error=f"Flower run ended with status {status!r} before the ServerApp finished: {_last_error(log_path)}",
         )
     result = RunResult(
         run.run_id, run.path, summary.get("status", "unknown"), summary, run.rounds(), time.perf_counter() - t0

@@ -129,6 +129,7 @@ def ensure_synthetic_dataset(spec: SyntheticSpec, repo_id: str, parent: Path) ->
     quiet()
     with native_stderr_to(parent / "encode.log"):
         _write(spec, repo_id, tmp, LeRobotDataset)
+    shutil.rmtree(tmp / "images", ignore_errors=True)  # the writer's emptied frame staging folders
     tmp.rename(root)
     return root
 

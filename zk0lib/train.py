@@ -88,9 +88,10 @@ def train_round(
             errors.extend(batch["__skipped__"])
             if len(errors) > allowed_skips:
                 raise RuntimeError(
-                    f"client {client_name or client_index}: {len(errors)} batches could not be read in round "
-                    f"{server_round} (more than train.max_skipped_fraction={cfg.train.max_skipped_fraction} of "
-                    f"{steps} steps); first error: {errors[0]}. Run `zk0 validate` to find the broken episodes."
+                    f"client {client_name or client_index}: {len(errors)} of {len(errors) + len(losses)} batches "
+                    f"could not be read in round {server_round}, more than train.max_skipped_fraction="
+                    f"{cfg.train.max_skipped_fraction} of {steps} steps allows; first error: {errors[0]}. "
+                    "Run `zk0 validate` to find the broken episodes."
                 )
             continue
         samples += len(batch["index"])

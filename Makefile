@@ -1,0 +1,50 @@
+# zk0: `make demo` and `make test` set everything up themselves (Python 3.12 venv in .venv).
+PYTHON ?= python3.12
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.zk0-installed
+export ZK0_HOME := $(CURDIR)
+
+.PHONY: install demo test lint format lab smoke clean help
+
+help:
+	@echo "make demo     run the offline demo (federated SmolVLA on simulated labs, CPU)"
+	@echo "make test     run the test suite (offline, CPU)"
+	@echo "make install  create .venv with the pinned environment (done by demo/test when needed)"
+	@echo "make lab      JupyterLab on notebooks/ with the zk0 kernel"
+	@echo "make lint     ruff check and format check"
+	@echo "make smoke    zk0 train --preset smoke (2 clients x 2 rounds, ~1.5 min)"
+
+$(STAMP): pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "zk0 needs Python 3.12 ($(PYTHON) not found): install it (pyenv install 3.12, apt, conda) or run make PYTHON=/path/to/python3.12"; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' || { echo "$(PYTHON) is not Python 3.12"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name zk0 --display-name "zk0 (Python 3.12)" >/dev/null
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/zk0 train --preset demo
+
+smoke: install
+	$(BIN)/zk0 train --preset smoke
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+lab: install
+	$(BIN)/jupyter lab notebooks/
+
+clean:
+	rm -rf reports data_cache/flwr

@@ -1,0 +1,62 @@
+"""Offline, CPU, real components at tiny scale; every test session gets its own zk0 and HF homes."""
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="zk0-tests-"))
+os.environ["ZK0_HOME"] = str(_SESSION_HOME)
+os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")
+os.environ["HF_LEROBOT_HOME"] = str(_SESSION_HOME / "hf" / "lerobot")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from zk0lib import data, env, model  # noqa: E402
+from zk0lib.config import load_config  # noqa: E402
+
+env.quiet()
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def home() -> Path:
+    return _SESSION_HOME
+
+
+@pytest.fixture(scope="session")
+def smoke_cfg():
+    return load_config("smoke")
+
+
+@pytest.fixture(scope="session")
+def clients(smoke_cfg):
+    return [data.open_client(smoke_cfg, i) for i in range(len(smoke_cfg.data.clients))]
+
+
+@pytest.fixture(scope="session")
+def stats(clients):
+    return data.pooled_stats([c.meta for c in clients])
+
+
+@pytest.fixture
+def fresh_bundle(smoke_cfg, clients, stats):
+    """A newly built tiny SmolVLA (same seed, so the same weights every time)."""
+    return model.build_policy(smoke_cfg, clients[0].meta, stats)
+
+
+@pytest.fixture(scope="session")
+def session_bundle(smoke_cfg, clients, stats):
+    return model.build_policy(smoke_cfg, clients[0].meta, stats)
+
+
+@pytest.fixture(scope="session")
+def train_set(clients, session_bundle):
+    return data.open_dataset(clients[0], clients[0].train_episodes, session_bundle.config, None)
+
+
+@pytest.fixture(scope="session")
+def heldout_set(clients, session_bundle):
+    return data.open_dataset(clients[0], clients[0].heldout_episodes, session_bundle.config, None)

@@ -1,0 +1,211 @@
+"""Transport encoding, reply checks, and real Flower runs end to end (simulation SuperLink, Ray, clients)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from zk0lib import federation, model
+from zk0lib.config import load_config
+from zk0lib.runs import RunRecord
+
+FLOWER_PROCESSES = (
+    "flower-superlink",
+    "flower-superexec",
+    "flwr-simulation",
+    "flwr-serverapp",
+    "flwr-clientapp",
+    "raylet",
+    "gcs_server",
+    "ray::",
+    "dashboard",
+)
+
+
+def _weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": torch.randn(4, 3, generator=g), "b.bias": torch.randn(5, generator=g)}
+
+
+@pytest.mark.parametrize("dtype, size", [("float32", 4), ("bfloat16", 2)])
+def test_payload_is_parameter_count_times_dtype_size(dtype, size, session_bundle):
+    weights = model.get_trainable(session_bundle.policy)
+    count = sum(w.numel() for w in weights.values())
+    record = federation.encode_arrays(weights, dtype)
+    assert federation.payload_bytes(record) == count * size
+    delta = federation.encode_arrays(weights, dtype, reference=weights)
+    assert federation.payload_bytes(delta) == count * size
+
+
+def test_float32_round_trip_is_exact():
+    w = _weights()
+    back = federation.decode_arrays(federation.encode_arrays(w, "float32"))
+    assert all(torch.equal(back[k], w[k]) for k in w)
+
+
+def test_bfloat16_deltas_keep_small_updates():
+    """bf16 weights round a 1e-4 update away; a bf16 delta from the global weights keeps it."""
+    global_w = {k: v + 1.0 for k, v in _weights().items()}
+    local = {k: v + 1e-4 for k, v in global_w.items()}
+    as_weights = federation.decode_arrays(federation.encode_arrays(local, "bfloat16"))
+    as_delta = federation.decode_arrays(federation.encode_arrays(local, "bfloat16", reference=global_w), global_w)
+    err_weights = max(float((as_weights[k] - local[k]).abs().max()) for k in local)
+    err_delta = max(float((as_delta[k] - local[k]).abs().max()) for k in local)
+    assert err_delta < 1e-6 < 1e-3 < err_weights
+
+
+def test_flower_numpy_records_decode():
+    w = _weights()
+    back = federation.decode_arrays(federation.to_numpy_record(w))
+    assert all(torch.equal(back[k], w[k]) for k in w)
+
+
+def test_update_checks():
+    w = _weights()
+    assert federation.check_update(federation.encode_arrays(w, "float32"), w) is None
+    missing = federation.encode_arrays({"a.weight": w["a.weight"]}, "float32")
+    assert "keys differ" in federation.check_update(missing, w)
+    wrong = federation.encode_arrays({**w, "b.bias": torch.zeros(6)}, "float32")
+    assert "b.bias: shape (6,) != (5,)" in federation.check_update(wrong, w)
+
+
+def test_stats_record_round_trip(stats):
+    record = federation.stats_to_record(stats)
+    back = federation.stats_from_record(record)
+    assert set(back) == {"action", "observation.state", "observation.images.front", "observation.images.wrist"}
+    np.testing.assert_array_equal(back["action"]["mean"], np.asarray(stats["action"]["mean"], dtype=np.float64))
+    assert federation.stats_digest(record) == federation.stats_digest(federation.stats_to_record(back))
+
+
+def test_run_config_forms():
+    cfg = load_config("smoke", "fl.num_rounds=5")
+    assert federation.config_from_run_config({"config-json": federation.encode_config(cfg)}) == cfg
+    assert federation.config_from_run_config({"preset": "smoke", "set": "fl.num_rounds=5", "config-json": ""}) == cfg
+
+
+def test_incompatible_clients_are_named():
+    a = {
+        "name": "a",
+        "fps": 30,
+        "features": {"action": {"shape": [6], "names": ["j"] * 6}, "observation.images.top": {"dtype": "video"}},
+    }
+    b = copy.deepcopy(a) | {"name": "b", "fps": 15}
+    b["features"]["observation.images.side"] = b["features"].pop("observation.images.top")
+    with pytest.raises(RuntimeError) as err:
+        federation.check_compatible([a, b], load_config("smoke"))
+    assert "b fps = 15 but a fps = 30" in str(err.value) and "cameras" in str(err.value)
+    b["fps"] = 30
+    renamed = load_config("smoke", {"data.rename_map": '{"observation.images.side": "observation.images.top"}'})
+    federation.check_compatible([a, b], renamed)  # the rename map lines the cameras up
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _alive_flower_processes(since: float) -> list[str]:
+    found = []
+    for p in psutil.process_iter(["cmdline", "create_time", "name"]):
+        cmd = " ".join(p.info["cmdline"] or [p.info["name"] or ""])
+        if p.info["create_time"] >= since - 1 and any(k in cmd for k in FLOWER_PROCESSES):
+            found.append(f"{p.pid}: {cmd[:120]}")
+    return found
+
+
+def _zk0(*args, timeout=900):
+    env = dict(os.environ)
+    return subprocess.run(
+        [sys.executable, "-m", "zk0lib.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_run(home):
+    t0 = time.time()
+    out = _zk0("train", "--preset", "smoke", "--run-id", "e2e-smoke")
+    return out, time.time() - t0, t0
+
+
+def test_smoke_train_completes_with_complete_records(smoke_run, home):
+    out, seconds, _ = smoke_run
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "round 2/2" in out.stdout and "run directory:" in out.stdout
+    run = RunRecord(home / "reports" / "runs" / "e2e-smoke")
+    summary = run.summary()
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    rounds = run.rounds()
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    cfg = run.config()
+    trainable = summary["parameters"]["trainable"]
+    for r in rounds[1:]:
+        assert set(r["train"]["clients"]) == {"synth-0", "synth-1"}
+        for m in r["train"]["clients"].values():
+            assert m["steps"] == cfg.train.local_steps and m["samples"] == cfg.train.local_steps * cfg.train.batch_size
+            for key in ("train_loss", "train_loss_std", "prox_term", "grad_norm", "update_norm", "seconds"):
+                assert np.isfinite(m[key])
+        assert r["bytes_sent"] == r["bytes_received"] == 2 * trainable * 4
+        assert r["failures"] == []
+    for r in rounds:
+        assert set(r["eval"]["clients"]) == {"synth-0", "synth-1"}
+        assert r["eval"]["mean"]["loss_ci"][0] <= r["eval"]["mean"]["loss"] <= r["eval"]["mean"]["loss_ci"][1]
+    assert summary["final"]["round"] == 2 and summary["best"]["round"] in (1, 2)
+    config = json.loads((run.path / "config.json").read_text())
+    assert config["environment"]["packages"]["flwr"] and config["config"]["fl"]["num_rounds"] == 2
+
+
+def test_smoke_train_changes_global_weights_only(smoke_run, home, smoke_cfg, clients, stats):
+    final = model.load_policy(home / "reports" / "runs" / "e2e-smoke" / "checkpoints" / "final")
+    initial = model.build_policy(smoke_cfg, clients[0].meta, stats)
+    assert model.frozen_fingerprint(final.policy) == model.frozen_fingerprint(initial.policy)
+    a, b = model.get_trainable(final.policy), model.get_trainable(initial.policy)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert (home / "reports" / "runs" / "e2e-smoke" / "checkpoints" / "best" / "model.safetensors").exists()
+
+
+def test_smoke_train_is_fast_and_leaves_no_process(smoke_run):
+    _, seconds, t0 = smoke_run
+    assert _alive_flower_processes(t0) == []
+    print(f"zk0 train --preset smoke took {seconds:.0f} s")
+
+
+def test_fedadam_bf16_client_evaluation_from_a_pretrained_folder(smoke_run, home):
+    """The real path's shape: a pretrained policy folder, a server optimizer, bf16 deltas, client-side eval."""
+    pretrained = home / "reports" / "runs" / "e2e-smoke" / "checkpoints" / "final"
+    t0 = time.time()
+    out = _zk0(
+        "train",
+        "--preset",
+        "smoke",
+        "--run-id",
+        "e2e-adam",
+        "--set",
+        f"model.pretrained={pretrained}",
+        "--set",
+        "fl.strategy=fedadam",
+        "--set",
+        "fl.transport_dtype=bfloat16",
+        "--set",
+        "eval.where=clients",
+        "--set",
+        "fl.num_rounds=1",
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    run = RunRecord(home / "reports" / "runs" / "e2e-adam")
+    rounds = run.rounds()
+    trainable = run.summary()["parameters"]["trainable"]
+    assert rounds[1]["bytes_received"] == 2 * trainable * 2
+    assert rounds[1]["bytes_sent"] == 4 * trainable * 2  # train + evaluate messages, bf16
+    assert set(rounds[1]["eval"]["clients"]) == {"synth-0", "synth-1"}
+    assert _alive_flower_processes(t0) == []
+
+
+def test_bad_config_fails_before_anything_starts(home):
+    out = _zk0("train", "--preset", "smoke", "--run-id", "never", "--set", "fl.num_rounds=0")
+    assert out.returncode == 2 and "fl.num_rounds must be >= 1" in out.stderr
+    assert not (home / "reports" / "runs" / "never").exists()

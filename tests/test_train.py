@@ -1,0 +1,171 @@
+"""FedProx step, plain-training equivalence with lerobot, frozen weights, seeded evaluation, bad videos."""
+
+import copy
+import os
+import shutil
+
+import pytest
+import torch
+
+from zk0lib import data, model, train
+
+
+def _batch(dataset, n=4):
+    return torch.utils.data.default_collate([dataset[i] for i in range(n)])
+
+
+def _fixed(policy, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = policy.config
+    return torch.randn(n, c.chunk_size, c.max_action_dim, generator=g), torch.rand(n, generator=g) * 0.9 + 0.05
+
+
+def test_fedprox_gradient_is_mu_times_drift(fresh_bundle, train_set):
+    policy, mu = fresh_bundle.policy, 0.37
+    params = [p for _, p in model.trainable_parameters(policy)]
+    global_params = [p.detach().clone() for p in params]
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = fresh_bundle.preprocessor(_batch(train_set))
+    noise, time_ = _fixed(policy, 4)
+
+    def grads(mu_):
+        policy.zero_grad(set_to_none=True)
+        total, _, _ = train.fedprox_loss(policy, copy.copy(batch), global_params, mu_, noise, time_)
+        total.backward()
+        return [p.grad.detach().clone() for p in params]
+
+    with_prox, plain = grads(mu), grads(0.0)
+    for g_prox, g_plain, p, w in zip(with_prox, plain, params, global_params, strict=True):
+        torch.testing.assert_close(g_prox - g_plain, mu * (p.detach() - w), rtol=1e-4, atol=1e-6)
+    frozen = [p for p in policy.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+
+
+def test_proximal_term_value(fresh_bundle, train_set):
+    policy = fresh_bundle.policy
+    params = [p for _, p in model.trainable_parameters(policy)]
+    global_params = [p.detach().clone() - 0.01 for p in params]
+    batch = fresh_bundle.preprocessor(_batch(train_set))
+    noise, time_ = _fixed(policy, 4)
+    total, loss, prox = train.fedprox_loss(policy, batch, global_params, 2.0, noise, time_)
+    n = sum(p.numel() for p in params)
+    assert prox.item() == pytest.approx(n * 1e-4, rel=1e-3)
+    assert total.item() == pytest.approx(loss.item() + prox.item(), rel=1e-6)
+
+
+def test_mu_zero_is_lerobot_plain_training(smoke_cfg, clients, stats, train_set):
+    """train_round(mu=0) == lerobot's own update_policy on the same batches and RNG: the same weights."""
+    from accelerate import Accelerator
+    from lerobot.scripts.lerobot_train import update_policy
+    from lerobot.utils.logging_utils import AverageMeter, MetricsTracker
+
+    cfg = copy.deepcopy(smoke_cfg)
+    cfg.train.local_steps = 3
+    ours = model.build_policy(cfg, clients[0].meta, stats)
+    theirs = model.build_policy(cfg, clients[0].meta, stats)
+    metrics = train.train_round(ours, train_set, cfg, server_round=2, client_index=0, mu=0.0)
+    assert metrics["prox_term"] == 0.0 and metrics["steps"] == 3
+
+    policy = theirs.policy
+    optimizer, scheduler = train.make_optimizer(policy, cfg.fl.num_rounds * 3, start_step=3)
+    seed = train.derive_seed(cfg.seed, 2, 0)
+    torch.manual_seed(seed)
+    stream = data.batch_stream(train_set, cfg.train.batch_size, 0, seed)
+    tracker = MetricsTracker(
+        cfg.train.batch_size,
+        100,
+        4,
+        {
+            "loss": AverageMeter("loss"),
+            "grad_norm": AverageMeter("grdn"),
+            "lr": AverageMeter("lr"),
+            "update_s": AverageMeter("updt_s"),
+        },
+    )
+    accelerator = Accelerator(cpu=True)
+    policy.train()
+    for _ in range(3):
+        update_policy(
+            tracker,
+            policy,
+            theirs.preprocessor(next(stream)),
+            optimizer,
+            policy.config.optimizer_grad_clip_norm,
+            accelerator,
+            scheduler,
+        )
+    for (name, a), (_, b) in zip(ours.policy.named_parameters(), policy.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=name)
+    assert metrics["train_loss_last"] == pytest.approx(tracker.loss.val, rel=1e-6)
+
+
+def test_round_changes_only_trainable_weights(fresh_bundle, smoke_cfg, train_set):
+    before = {n: p.detach().clone() for n, p in fresh_bundle.policy.named_parameters()}
+    trainable = dict(model.trainable_parameters(fresh_bundle.policy))
+    fingerprint = model.frozen_fingerprint(fresh_bundle.policy)
+    metrics = train.train_round(fresh_bundle, train_set, smoke_cfg, 1, 0, mu=0.01)
+    changed = [n for n, p in fresh_bundle.policy.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and set(changed) <= set(trainable)
+    assert model.frozen_fingerprint(fresh_bundle.policy) == fingerprint
+    assert metrics["update_norm"] > 0 and metrics["samples"] == smoke_cfg.train.local_steps * smoke_cfg.train.batch_size
+    for key in ("train_loss", "train_loss_std", "prox_term", "grad_norm", "lr", "steps", "seconds", "skipped_batches"):
+        assert key in metrics
+
+
+def test_evaluation_is_deterministic(fresh_bundle, smoke_cfg, train_set, heldout_set):
+    first = train.evaluate(fresh_bundle, heldout_set, smoke_cfg)
+    second = train.evaluate(fresh_bundle, heldout_set, smoke_cfg)
+    assert first == second
+    assert first["episodes"] == 2 and first["frames"] == smoke_cfg.eval.max_frames
+    assert first["loss_ci"][0] <= first["loss"] <= first["loss_ci"][1]
+    assert len(first["action_mae_joint"]) == 6
+    train.train_round(fresh_bundle, train_set, smoke_cfg, 1, 0, mu=0.0)
+    after = train.evaluate(fresh_bundle, heldout_set, smoke_cfg)
+    assert after["loss"] != first["loss"]
+
+
+def test_bootstrap_interval():
+    lo, hi = train.bootstrap_ci([[1.0, 2.0, 3.0, 4.0]], 500, seed=0)
+    assert 1.0 <= lo < 2.5 < hi <= 4.0
+    assert train.bootstrap_ci([[5.0]], 100, 0) == [5.0, 5.0]
+    lo, hi = train.bootstrap_ci([[0.0, 0.0], [10.0, 10.0]], 200, 0)  # stratified: the mean of client means
+    assert lo == hi == 5.0
+
+
+@pytest.fixture
+def corrupted_client(clients, tmp_path):
+    """A copy of client 0 with 3 kB of garbage in the middle of its front-camera video."""
+    root = tmp_path / "corrupt"
+    shutil.copytree(clients[0].root, root)
+    video = next((root / "videos" / "observation.images.front").rglob("*.mp4"))
+    raw = bytearray(video.read_bytes())
+    start = int(len(raw) * 0.3)
+    raw[start : start + 3000] = os.urandom(3000)
+    video.write_bytes(bytes(raw))
+    return data.ClientData(
+        0,
+        "corrupt",
+        clients[0].repo_id,
+        root,
+        data.load_metadata(clients[0].repo_id, root),
+        clients[0].train_episodes,
+        clients[0].heldout_episodes,
+    )
+
+
+def test_undecodable_batches_are_skipped_and_counted(fresh_bundle, smoke_cfg, corrupted_client):
+    dataset = data.open_dataset(corrupted_client, corrupted_client.train_episodes, fresh_bundle.config, None)
+    cfg = copy.deepcopy(smoke_cfg)
+    cfg.train.local_steps, cfg.train.batch_size, cfg.train.max_skipped_fraction = 8, 2, 0.9
+    metrics = train.train_round(fresh_bundle, dataset, cfg, 1, 0, mu=0.0, client_name="corrupt")
+    assert metrics["steps"] == 8 and metrics["skipped_batches"] > 0
+
+    cfg.train.max_skipped_fraction = 0.0
+    with pytest.raises(
+        RuntimeError,
+        match=r"client corrupt: 1 of \d+ batches could not be read in round 1.*decodeAVFrame.*zk0 validate",
+    ):
+        train.train_round(fresh_bundle, dataset, cfg, 1, 0, mu=0.0, client_name="corrupt")
