@@ -155,6 +155,7 @@ def test_smoke_train_completes_with_complete_records(smoke_run, home):
         assert set(r["eval"]["clients"]) == {"synth-0", "synth-1"}
         assert r["eval"]["mean"]["loss_ci"][0] <= r["eval"]["mean"]["loss"] <= r["eval"]["mean"]["loss_ci"][1]
     assert summary["final"]["round"] == 2 and summary["best"]["round"] in (1, 2)
+    assert all(r["eval"]["extra"]["unseen"]["episodes"] == cfg.data.synthetic_episodes for r in rounds)
     config = json.loads((run.path / "config.json").read_text())
     assert config["environment"]["packages"]["flwr"] and config["config"]["fl"]["num_rounds"] == 2
 

@@ -43,6 +43,7 @@ class ClientConfig:
 @dataclass
 class DataConfig:
     clients: list[ClientConfig] = field(default_factory=list)
+    eval_only: list[ClientConfig] = field(default_factory=list)  # evaluated by the server, never trained on
     heldout_episodes: int = 2  # per client, kept out of training for evaluation
     split_seed: int = 0  # which episodes are held out
     rename_map: dict[str, str] = field(default_factory=dict)  # dataset camera key -> policy camera key
@@ -177,11 +178,17 @@ def _synthetic_clients(n: int) -> list[ClientConfig]:
     ]
 
 
+def _unseen() -> list[ClientConfig]:
+    """A scene variant no client trains on: how the federated model generalizes."""
+    return [ClientConfig(name="unseen", repo_id="zk0/synthetic-unseen", source="synthetic", variant=3)]
+
+
 def _smoke() -> ExperimentConfig:
     return ExperimentConfig(
         preset="smoke",
         data=DataConfig(
             clients=_synthetic_clients(2),
+            eval_only=_unseen(),
             heldout_episodes=2,
             synthetic_episodes=6,
             synthetic_frames=30,
@@ -199,6 +206,7 @@ def _demo() -> ExperimentConfig:
         preset="demo",
         data=DataConfig(
             clients=_synthetic_clients(3),
+            eval_only=_unseen(),
             heldout_episodes=3,
             synthetic_episodes=16,
             synthetic_frames=60,
@@ -404,23 +412,18 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         d.video_backend in (None, "torchcodec", "pyav"),
         f"data.video_backend: torchcodec or pyav, got {d.video_backend!r}",
     )
+    extra = [c.name for c in d.eval_only]
+    need(
+        not set(extra) & set(names) and len(set(extra)) == len(extra),
+        f"data.eval_only: names must be unique and differ from the clients', got {extra}",
+    )
+    for i, c in enumerate(d.eval_only):
+        key = f"data.eval_only.{i}"
+        _check_source(c, key, need)
+        need(c.episodes is None or c.episodes >= 1, f"{key}.episodes must be >= 1 (got {c.episodes})")
     for i, c in enumerate(d.clients):
         key = f"data.clients.{i}"
-        need(bool(c.name), f"{key}.name must not be empty")
-        need(c.source in SOURCES, f"{key}.source: unknown source {c.source!r} (choose {', '.join(SOURCES)})")
-        if c.source == "hub":
-            need(
-                "/" in c.repo_id,
-                f"{key}.repo_id: a Hub dataset id like 'lerobot/svla_so100_pickplace', got {c.repo_id!r}",
-            )
-        if c.source == "local":
-            need(c.root is not None, f"{key}.root: a local dataset needs its folder (source=local)")
-            if c.root is not None:
-                root = _resolve(c.root)
-                need(
-                    (root / "meta" / "info.json").exists(),
-                    f"{key}.root: no LeRobot dataset at {root} (missing meta/info.json)",
-                )
+        _check_source(c, key, need)
         heldout = cfg.heldout_for(c)
         need(heldout >= 0, f"{key}.heldout_episodes must be >= 0 (got {heldout})")
         if c.episodes is not None:
@@ -491,6 +494,23 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return cfg
+
+
+def _check_source(c: ClientConfig, key: str, need: Any) -> None:
+    need(bool(c.name), f"{key}.name must not be empty")
+    need(c.source in SOURCES, f"{key}.source: unknown source {c.source!r} (choose {', '.join(SOURCES)})")
+    if c.source == "hub":
+        need(
+            "/" in c.repo_id, f"{key}.repo_id: a Hub dataset id like 'lerobot/svla_so100_pickplace', got {c.repo_id!r}"
+        )
+    if c.source == "local":
+        need(c.root is not None, f"{key}.root: a local dataset needs its folder (source=local)")
+        if c.root is not None:
+            root = _resolve(c.root)
+            need(
+                (root / "meta" / "info.json").exists(),
+                f"{key}.root: no LeRobot dataset at {root} (missing meta/info.json)",
+            )
 
 
 def flat_items(cfg: ExperimentConfig) -> dict[str, Any]:

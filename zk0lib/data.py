@@ -83,6 +83,15 @@ def open_client(cfg: ExperimentConfig, index: int) -> ClientData:
     return ClientData(index, client.name, repo_id, root, meta, train, held)
 
 
+def open_eval_only(cfg: ExperimentConfig, index: int) -> ClientData:
+    """An evaluation-only dataset: all its episodes (or the first `episodes`) are held out."""
+    spec = cfg.data.eval_only[index]
+    repo_id, root = dataset_location(cfg, spec)
+    meta = load_metadata(repo_id, root, f"data.eval_only.{index}")
+    n = meta.total_episodes if spec.episodes is None else min(spec.episodes, meta.total_episodes)
+    return ClientData(index, spec.name, repo_id, root, meta, [], list(range(n)))
+
+
 def pooled_stats(metas: list[Any]) -> dict[str, dict[str, np.ndarray]]:
     """One normalization for the federation: lerobot's count-weighted merge of each client's stats.
 

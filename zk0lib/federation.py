@@ -476,6 +476,9 @@ class FederatedServer:
         )
         t = time.perf_counter()
         self.eval_sets = self._server_eval_sets() if cfg.eval.where == "server" else {}
+        self.extra_sets = {
+            spec.name: self._open_heldout(data.open_eval_only(cfg, i)) for i, spec in enumerate(cfg.data.eval_only)
+        }
         started["open_eval_sets"] = time.perf_counter() - t
         self.run.update_summary(startup_seconds=started)
         shared = {"frozen-fingerprint": model.frozen_fingerprint(self.bundle.policy), "num-rounds": cfg.fl.num_rounds}
@@ -505,10 +508,11 @@ class FederatedServer:
                     f"eval.where=server but the server cannot read client {client.name!r}'s dataset; "
                     f"use eval.where=clients when the data stays on the clients.\n{e}"
                 ) from e
-            sets[client.name] = data.open_dataset(
-                local, local.heldout_episodes, self.bundle.config, self.cfg.data.video_backend
-            )
+            sets[client.name] = self._open_heldout(local)
         return sets
+
+    def _open_heldout(self, local: data.ClientData) -> Any:
+        return data.open_dataset(local, local.heldout_episodes, self.bundle.config, self.cfg.data.video_backend)
 
     # -- per round
     def start_round(self, server_round: int) -> None:
@@ -573,11 +577,13 @@ class FederatedServer:
         t_eval = time.perf_counter()
         model.set_trainable(self.bundle.policy, decode_arrays(arrays))
         evals: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
         if self.eval_due(server_round):
             if cfg.eval.where == "server":
                 evals = {name: train.evaluate(self.bundle, ds, cfg) for name, ds in self.eval_sets.items()}
             else:
                 evals = st.get("client_evals", {})
+            extra = {name: train.evaluate(self.bundle, ds, cfg) for name, ds in self.extra_sets.items()}
         eval_seconds = time.perf_counter() - t_eval
         mean = train.combine_clients(evals, cfg) if evals else {}
         record: dict[str, Any] = {"round": server_round, "time": utc_now()}
@@ -604,6 +610,8 @@ class FederatedServer:
             self.totals["train_steps"] += sum(m.get("steps", 0) for m in clients.values())
         if evals:
             record["eval"] = {"clients": evals, "mean": mean}
+        if extra:
+            record.setdefault("eval", {})["extra"] = extra
         t_ckpt = time.perf_counter()
         self._checkpoint(server_round, mean)
         record["seconds"] = {
@@ -644,6 +652,8 @@ class FederatedServer:
             parts.append(f"eval loss {mean['loss']:.4f} [{lo:.4f}, {hi:.4f}]")
         if "action_mae" in mean:
             parts.append(f"action MAE {mean['action_mae']:.3f}")
+        for name, ev in record.get("eval", {}).get("extra", {}).items():
+            parts.append(f"{name}: loss {ev['loss']:.4f}")
         if record.get("failures"):
             parts.append(f"{len(record['failures'])} failures")
         parts.append(f"{record['seconds']['round']:.1f}s")

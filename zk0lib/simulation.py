@@ -97,6 +97,8 @@ def prepare(cfg: ExperimentConfig) -> None:
             )
     for i, client in enumerate(cfg.data.clients):
         load_metadata(*dataset_location(cfg, client), f"data.clients.{i}")
+    for i, spec in enumerate(cfg.data.eval_only):
+        load_metadata(*dataset_location(cfg, spec), f"data.eval_only.{i}")
     if cfg.model.pretrained == "tiny":
         ensure_tiny_vlm()
     else:
