@@ -1,0 +1,114 @@
+"""Labs: named, seeded variations of the SO-101 pick-and-place scene, one per simulated robot owner.
+
+They differ the way different owners' setups do: the cube (colour, size), where cubes and targets
+lie on the table, the camera's mounting, the lighting and the table. Four client labs and one held-out
+"unseen" lab that no client trains on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+COLOURS = {
+    "red": (0.85, 0.12, 0.10),
+    "blue": (0.12, 0.30, 0.90),
+    "yellow": (0.95, 0.80, 0.10),
+    "orange": (0.95, 0.45, 0.05),
+    "purple": (0.55, 0.15, 0.75),
+    "green": (0.10, 0.75, 0.25),
+    "white": (0.92, 0.92, 0.92),
+    "cyan": (0.10, 0.80, 0.85),
+    "black": (0.08, 0.08, 0.08),
+}
+
+
+@dataclass(frozen=True)
+class LabSpec:
+    name: str
+    cube_colour: str = "red"
+    target_colour: str = "green"
+    cube_half_size: float = 0.02  # metres; the expert's grasp height suits 0.017-0.022
+    cube_region: tuple[tuple[float, float], tuple[float, float]] = ((0.15, -0.10), (0.30, 0.10))  # (x, y) min, max
+    target_region: tuple[tuple[float, float], tuple[float, float]] = ((0.15, -0.10), (0.30, 0.10))
+    camera_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)  # front camera position shift, metres
+    camera_tilt_deg: float = 0.0  # extra pitch of the front camera
+    light: float = 1.0  # scales every light
+    table_rgb: tuple[tuple[float, float, float], tuple[float, float, float]] = ((0.1, 0.2, 0.3), (0.2, 0.3, 0.4))
+    seed: int = 0
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def task(self) -> str:
+        return f"pick up the {self.cube_colour} cube and place it on the {self.target_colour} target"
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+LABS: dict[str, LabSpec] = {
+    lab.name: lab
+    for lab in (
+        LabSpec("lab-red", "red", "green", 0.020, seed=101),
+        LabSpec(
+            "lab-blue",
+            "blue",
+            "yellow",
+            0.018,
+            cube_region=((0.15, -0.10), (0.24, 0.10)),
+            target_region=((0.20, -0.10), (0.30, 0.10)),
+            camera_offset=(0.0, 0.06, 0.02),
+            camera_tilt_deg=3.0,
+            light=1.2,
+            table_rgb=((0.45, 0.32, 0.20), (0.52, 0.38, 0.25)),
+            seed=202,
+        ),
+        LabSpec(
+            "lab-orange",
+            "orange",
+            "blue",
+            0.021,
+            cube_region=((0.18, -0.10), (0.30, 0.02)),
+            target_region=((0.15, -0.02), (0.30, 0.10)),
+            camera_offset=(-0.05, -0.05, 0.03),
+            camera_tilt_deg=-3.0,
+            light=0.8,
+            table_rgb=((0.55, 0.55, 0.55), (0.62, 0.62, 0.62)),
+            seed=303,
+        ),
+        LabSpec(
+            "lab-yellow",
+            "yellow",
+            "purple",
+            0.019,
+            cube_region=((0.15, -0.02), (0.30, 0.10)),
+            target_region=((0.15, -0.10), (0.30, 0.02)),
+            camera_offset=(0.04, -0.03, -0.02),
+            camera_tilt_deg=2.0,
+            light=1.0,
+            table_rgb=((0.15, 0.30, 0.15), (0.20, 0.36, 0.20)),
+            seed=404,
+        ),
+        LabSpec(
+            "lab-unseen",
+            "purple",
+            "white",
+            0.020,
+            camera_offset=(0.03, 0.04, 0.0),
+            camera_tilt_deg=-2.0,
+            light=0.9,
+            table_rgb=((0.25, 0.20, 0.30), (0.30, 0.25, 0.36)),
+            seed=505,
+            tags=("unseen",),
+        ),
+    )
+}
+CLIENT_LABS = ("lab-red", "lab-blue", "lab-orange", "lab-yellow")
+UNSEEN_LAB = "lab-unseen"
+
+
+def get_lab(name: str) -> LabSpec:
+    if name not in LABS:
+        raise KeyError(f"unknown lab {name!r}: choose one of {', '.join(LABS)}")
+    return LABS[name]

@@ -1,0 +1,249 @@
+"""Recording a lab's demonstrations as a LeRobot v3 dataset (AV1 video) with the scripted expert.
+
+Worker processes simulate and render episodes; the parent writes them in seed order with lerobot's
+writer, so the dataset is the same whatever the number of workers. Episode attempt k uses the seed
+(lab seed, recording seed, k); attempts where the expert fails are counted and not saved. The dataset
+is cached under data_cache/datasets/sim/ and recorded again only when the lab, the episode count, the
+image size, the seed or the recorder changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zk0lib.sim.labs import LabSpec, get_lab
+
+RECORDER_VERSION = 1
+RECORD_INFO = "zk0_recording.json"
+MAX_ATTEMPT_FACTOR = 3  # give up after 3x the requested episodes
+
+
+@dataclass
+class Recording:
+    lab: str
+    root: Path
+    episodes: int
+    attempts: int
+    failed: int
+    frames: int
+    seconds: float
+    episode_seeds: list[int]
+
+    @property
+    def frames_per_second(self) -> float:
+        return self.frames / self.seconds if self.seconds else float("nan")
+
+
+def episode_seed(lab: LabSpec, seed: int, k: int, purpose: int = 0) -> int:
+    """Seeds of recorded episodes (purpose 0) and of closed-loop evaluations (purpose 1) never meet."""
+    return int(np.random.SeedSequence([lab.seed, purpose, seed, k]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def features(image_size: int) -> dict[str, dict]:
+    from zk0lib.sim.env import CAMERAS, JOINT_NAMES
+
+    vec = {"dtype": "float32", "shape": (6,), "names": JOINT_NAMES}
+    video = {"dtype": "video", "shape": (image_size, image_size, 3), "names": ["height", "width", "channels"]}
+    return {
+        "observation.state": dict(vec),
+        "action": dict(vec),
+        **{f"observation.images.{c}": dict(video) for c in CAMERAS},
+    }
+
+
+def dataset_root(cache_dir: Path, lab: LabSpec, episodes: int, image_size: int, seed: int) -> Path:
+    key = json.dumps([lab.digest(), episodes, image_size, seed, RECORDER_VERSION])
+    return cache_dir / "datasets" / "sim" / f"{lab.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+# ----------------------------------------------------------------------------- workers
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(lab: LabSpec, image_size: int, cache_dir: str) -> None:
+    import torch
+
+    from zk0lib.sim.env import LabEnv
+
+    torch.set_num_threads(1)
+    _WORKER["env"] = LabEnv(lab, image_size, Path(cache_dir))
+
+
+def _simulate(seed: int) -> dict[str, Any]:
+    """One expert episode: frames (state, action, camera images) and whether it succeeded."""
+    from zk0lib.sim.env import run_expert_episode
+
+    env = _WORKER["env"]
+    frames = list(run_expert_episode(env, seed))
+    return {
+        "seed": seed,
+        "success": env.stage == 4,
+        "states": np.stack([f[0] for f in frames]),
+        "actions": np.stack([f[1] for f in frames]),
+        "images": {cam: np.stack([f[2][cam] for f in frames]) for cam in frames[0][2]},
+    }
+
+
+def simulate_episodes(lab: LabSpec, seeds: list[int], image_size: int, cache_dir: Path, workers: int) -> Iterator[dict]:
+    """Episodes for `seeds`, in order, from `workers` processes (or this one when workers <= 1)."""
+    if workers <= 1:
+        _init_worker(lab, image_size, str(cache_dir))
+        try:
+            yield from map(_simulate, seeds)
+        finally:
+            _WORKER.pop("env").close()
+        return
+    # spawn: no GL context or torch threads inherited from this process. A worker that dies raises
+    # BrokenProcessPool here instead of being replaced silently.
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(lab, image_size, str(cache_dir)),
+    )
+    try:
+        todo = iter(seeds)
+        pending = deque(pool.submit(_simulate, s) for s in islice(todo, 2 * workers))
+        while pending:
+            episode = pending.popleft().result()
+            for s in islice(todo, 1):
+                pending.append(pool.submit(_simulate, s))
+            yield episode
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ----------------------------------------------------------------------------- recording
+
+
+def record_lab(
+    lab: LabSpec | str,
+    episodes: int,
+    cache_dir: Path,
+    image_size: int = 128,
+    seed: int = 0,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Recording:
+    """The lab's dataset of `episodes` successful expert demonstrations (recorded now, or cached)."""
+    lab = get_lab(lab) if isinstance(lab, str) else lab
+    if episodes < 1:
+        raise ValueError(f"episodes must be >= 1 (got {episodes})")
+    root = dataset_root(cache_dir, lab, episodes, image_size, seed)
+    if (root / RECORD_INFO).exists():
+        return Recording(**{**json.loads((root / RECORD_INFO).read_text()), "root": root})
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from zk0lib.env import native_stderr_to, quiet
+    from zk0lib.sim.env import FPS
+
+    quiet()
+    workers = workers or min(2, os.cpu_count() or 1)
+    tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    seeds = [episode_seed(lab, seed, k) for k in range(episodes * MAX_ATTEMPT_FACTOR)]
+    saved: list[int] = []
+    attempts = frames = 0
+    with native_stderr_to(root.parent / "encode.log"):
+        ds = LeRobotDataset.create(
+            repo_id=f"zk0/{lab.name}",
+            fps=FPS,
+            features=features(image_size),
+            root=tmp,
+            robot_type="so101_follower",
+            use_videos=True,
+        )
+        episodes_iter = simulate_episodes(lab, seeds, image_size, cache_dir, workers)
+        for ep in episodes_iter:
+            attempts += 1
+            if ep["success"]:
+                for i in range(len(ep["states"])):
+                    ds.add_frame(
+                        {
+                            "observation.state": ep["states"][i],
+                            "action": ep["actions"][i],
+                            **{f"observation.images.{cam}": imgs[i] for cam, imgs in ep["images"].items()},
+                            "task": lab.task,
+                        }
+                    )
+                ds.save_episode(parallel_encoding=False)
+                saved.append(ep["seed"])
+                frames += len(ep["states"])
+                if progress is not None:
+                    progress(len(saved), episodes)
+            if len(saved) == episodes:
+                episodes_iter.close()
+                break
+        ds.finalize()
+    if len(saved) < episodes:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RuntimeError(
+            f"lab {lab.name}: the expert succeeded in only {len(saved)} of {attempts} attempts; "
+            f"{episodes} episodes were asked for"
+        )
+    shutil.rmtree(tmp / "images", ignore_errors=True)
+    rec = Recording(lab.name, root, episodes, attempts, attempts - len(saved), frames, time.perf_counter() - t0, saved)
+    (tmp / RECORD_INFO).write_text(json.dumps({**asdict(rec), "root": None}, indent=2))
+    os.replace(tmp, root)
+    return rec
+
+
+def replay_success(lab: LabSpec | str, root: Path, image_size: int = 128, cache_dir: Path | None = None) -> list[bool]:
+    """Replay every recorded episode's 6-dim joint targets open loop in a fresh scene: did each succeed?"""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from zk0lib.sim.env import LabEnv
+
+    lab = get_lab(lab) if isinstance(lab, str) else lab
+    info = json.loads((root / RECORD_INFO).read_text())
+    ds = LeRobotDataset(f"zk0/{lab.name}", root=root)
+    actions = np.asarray(ds.hf_dataset["action"], dtype=np.float32)
+    episode_index = np.asarray(ds.hf_dataset["episode_index"])
+    env = LabEnv(lab, image_size, cache_dir or root.parents[2])
+    results = []
+    try:
+        for ep, seed in enumerate(info["episode_seeds"]):
+            env.reset(seed=seed)
+            success = False
+            for action in actions[episode_index == ep]:
+                success, failed = env.step_frame(action)
+                if success or failed:
+                    break
+            results.append(success)
+    finally:
+        env.close()
+    return results
+
+
+def expert_success(lab: LabSpec | str, episodes: int, seed: int = 0, cache_dir: Path | None = None) -> list[bool]:
+    """The scripted expert alone (no rendering) on `episodes` recording seeds."""
+    from zk0lib.sim.env import LabEnv, run_expert_episode
+
+    lab = get_lab(lab) if isinstance(lab, str) else lab
+    env = LabEnv(lab, 64, cache_dir)
+    try:
+        out = []
+        for k in range(episodes):
+            for _ in run_expert_episode(env, episode_seed(lab, seed, k), render=False):
+                pass
+            out.append(env.stage == 4)
+        return out
+    finally:
+        env.close()

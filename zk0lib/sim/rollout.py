@@ -1,0 +1,207 @@
+"""Closed-loop evaluation: run a policy in a lab and report whether it picks and places the cube.
+
+Any lerobot policy works (`select_action` plus its pre/post processors). Only the frames the policy
+consumes are rendered: a chunking policy like SmolVLA looks at the cameras once per action chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zk0lib.sim.labs import LabSpec, get_lab
+from zk0lib.sim.record import episode_seed
+
+MAX_FRAMES = 450  # 15 s at 30 fps; the expert needs ~4.7 s
+
+
+@dataclass
+class EpisodeResult:
+    seed: int
+    success: bool
+    stage: str
+    frames: int
+    policy_calls: int
+    video: str | None = None
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate (sound at 0% and 100%, unlike the normal one)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def summarize(lab: str, episodes: list[EpisodeResult], seconds: float) -> dict[str, Any]:
+    from zk0lib.sim.env import STAGES
+
+    n = len(episodes)
+    successes = sum(e.success for e in episodes)
+    furthest = [STAGES.index(e.stage) for e in episodes]
+    return {
+        "lab": lab,
+        "episodes": n,
+        "success_rate": successes / n if n else float("nan"),
+        "success_ci": list(wilson_interval(successes, n)),
+        "stage_counts": {s: sum(1 for f in furthest if f == i) for i, s in enumerate(STAGES)},
+        "stage_reached": {s: sum(1 for f in furthest if f >= i) / n for i, s in enumerate(STAGES) if i} if n else {},
+        "furthest_stage": STAGES[max(furthest)] if n else "none",
+        "mean_frames": float(np.mean([e.frames for e in episodes])) if n else float("nan"),
+        "seconds": seconds,
+    }
+
+
+def _needs_observation(policy: Any) -> bool:
+    """Whether select_action will look at this frame: chunking policies with actions queued will not."""
+    queues = getattr(policy, "_queues", None)
+    if not isinstance(queues, dict) or set(queues) != {"action"}:
+        return True  # policies that stack past observations need every frame
+    return len(queues["action"]) == 0
+
+
+def _observation(env: Any, images: dict[str, np.ndarray], task: str, device: torch.device) -> dict[str, Any]:
+    obs: dict[str, Any] = {"observation.state": torch.from_numpy(env.joint_state()).unsqueeze(0).to(device)}
+    for cam, img in images.items():
+        obs[f"observation.images.{cam}"] = (
+            torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=torch.float32) / 255.0
+        )
+    obs["task"] = [task]
+    return obs
+
+
+@torch.no_grad()
+def rollout(
+    policy: Any,
+    processors: tuple[Any, Any] | None,
+    lab: LabSpec | str,
+    episodes: int,
+    seed: int = 0,
+    image_size: int = 128,
+    cache_dir: Path | None = None,
+    max_frames: int = MAX_FRAMES,
+    video_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Run `policy` for `episodes` seeded episodes in `lab`: per-episode results and a summary.
+
+    The summary has the success rate with its Wilson 95% interval, the share of episodes that reached
+    each stage (reached the cube, grasped, lifted, placed), the furthest stage and the mean episode
+    length. With `video_dir`, every frame is rendered and an mp4 per episode is written there.
+    """
+    from zk0lib.sim.env import CAMERAS, LabEnv
+
+    lab = get_lab(lab) if isinstance(lab, str) else lab
+    pre, post = processors if processors is not None else (None, None)
+    device = torch.device(device)
+    env = LabEnv(lab, image_size, cache_dir)
+    if hasattr(policy, "bind_env"):
+        policy.bind_env(env)
+    if hasattr(policy, "eval"):
+        policy.eval()
+    results: list[EpisodeResult] = []
+    t0 = time.perf_counter()
+    try:
+        for i in range(episodes):
+            ep_seed = episode_seed(lab, seed, i, purpose=1)
+            env.reset(seed=ep_seed)
+            policy.reset()
+            frames_for_video: list[np.ndarray] = []
+            batch: dict[str, Any] | None = None
+            calls = 0
+            success = False
+            for frame in range(max_frames):
+                want_video = video_dir is not None
+                if batch is None or _needs_observation(policy) or want_video:
+                    images = env.render_cameras(CAMERAS)
+                    if want_video:
+                        frames_for_video.append(_annotate(images, lab.task, env.stage_name, frame))
+                    if batch is None or _needs_observation(policy):
+                        batch = _observation(env, images, lab.task, device)
+                        batch = pre(batch) if pre is not None else batch
+                        calls += 1
+                action = policy.select_action(batch)
+                action = post(action) if post is not None else action
+                success, failed = env.step_frame(torch.as_tensor(action).reshape(-1)[:6].float().cpu().numpy())
+                if success or failed:
+                    break
+            video = None
+            if video_dir is not None:
+                video = str(write_video(frames_for_video, Path(video_dir) / f"{lab.name}-episode{i:03d}.mp4"))
+            results.append(EpisodeResult(ep_seed, success, env.stage_name, frame + 1, calls, video))
+    finally:
+        env.close()
+    return {"summary": summarize(lab.name, results, time.perf_counter() - t0), "episodes": [asdict(r) for r in results]}
+
+
+def _annotate(images: dict[str, np.ndarray], task: str, stage: str, frame: int) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    tile = np.concatenate(list(images.values()), axis=1)
+    canvas = Image.new("RGB", (max(tile.shape[1], 256), tile.shape[0] + 28), (0, 0, 0))
+    canvas.paste(Image.fromarray(tile), (0, 28))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((3, 1), task[:60], fill=(255, 255, 255))
+    draw.text((3, 14), f"frame {frame}  stage: {stage}", fill=(255, 220, 80))
+    return np.asarray(canvas)
+
+
+def write_video(frames: list[np.ndarray], path: Path, fps: int = 30) -> Path:
+    """H.264 mp4 (plays in browsers and notebooks), written to a temp name then renamed."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.mp4")
+    h, w = frames[0].shape[:2]
+    av.logging.set_level(av.logging.ERROR)  # x264 prints its statistics at INFO when it closes
+    with av.open(str(tmp), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = w - w % 2, h - h % 2
+        stream.pix_fmt = "yuv420p"
+        for f in frames:
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f[: stream.height, : stream.width]), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    tmp.replace(path)
+    return path
+
+
+class ScriptedExpertPolicy:
+    """The lab's scripted expert as a policy with privileged access to the scene: an upper bound."""
+
+    def __init__(self) -> None:
+        self.env: Any = None
+        self._held: np.ndarray | None = None
+        self._frame = 0
+
+    def bind_env(self, env: Any) -> None:
+        self.env = env
+
+    def reset(self) -> None:
+        self._frame = 0
+
+    def select_action(self, batch: dict[str, Any]) -> torch.Tensor:
+        from zk0lib.sim.env import FRAMES_PER_DECISION
+
+        if self._frame % FRAMES_PER_DECISION == 0:
+            self._held = self.env.expert_targets()
+        self._frame += 1
+        return torch.from_numpy(self._held).unsqueeze(0)
+
+
+class HoldStillPolicy:
+    """Commands the current joint positions: the arm does nothing. A lower bound (0%)."""
+
+    def reset(self) -> None:
+        pass
+
+    def select_action(self, batch: dict[str, Any]) -> torch.Tensor:
+        return batch["observation.state"]
