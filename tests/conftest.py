@@ -60,3 +60,16 @@ def train_set(clients, session_bundle):
 @pytest.fixture(scope="session")
 def heldout_set(clients, session_bundle):
     return data.open_dataset(clients[0], clients[0].heldout_episodes, session_bundle.config, None)
+
+
+def _run_cli(*args: str, timeout: int = 900):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "zk0lib.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def zk0_cli():
+    """Run `zk0 ...` in a fresh process, as a user would."""
+    return _run_cli

@@ -2,9 +2,6 @@
 
 import copy
 import json
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -118,17 +115,10 @@ def _alive_flower_processes(since: float) -> list[str]:
     return found
 
 
-def _zk0(*args, timeout=900):
-    env = dict(os.environ)
-    return subprocess.run(
-        [sys.executable, "-m", "zk0lib.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
 @pytest.fixture(scope="module")
-def smoke_run(home):
+def smoke_run(home, zk0_cli):
     t0 = time.time()
-    out = _zk0("train", "--preset", "smoke", "--run-id", "e2e-smoke")
+    out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-smoke")
     return out, time.time() - t0, t0
 
 
@@ -175,11 +165,11 @@ def test_smoke_train_is_fast_and_leaves_no_process(smoke_run):
     print(f"zk0 train --preset smoke took {seconds:.0f} s")
 
 
-def test_fedadam_bf16_client_evaluation_from_a_pretrained_folder(smoke_run, home):
+def test_fedadam_bf16_client_evaluation_from_a_pretrained_folder(smoke_run, home, zk0_cli):
     """The real path's shape: a pretrained policy folder, a server optimizer, bf16 deltas, client-side eval."""
     pretrained = home / "reports" / "runs" / "e2e-smoke" / "checkpoints" / "final"
     t0 = time.time()
-    out = _zk0(
+    out = zk0_cli(
         "train",
         "--preset",
         "smoke",
@@ -206,7 +196,7 @@ def test_fedadam_bf16_client_evaluation_from_a_pretrained_folder(smoke_run, home
     assert _alive_flower_processes(t0) == []
 
 
-def test_bad_config_fails_before_anything_starts(home):
-    out = _zk0("train", "--preset", "smoke", "--run-id", "never", "--set", "fl.num_rounds=0")
+def test_bad_config_fails_before_anything_starts(home, zk0_cli):
+    out = zk0_cli("train", "--preset", "smoke", "--run-id", "never", "--set", "fl.num_rounds=0")
     assert out.returncode == 2 and "fl.num_rounds must be >= 1" in out.stderr
     assert not (home / "reports" / "runs" / "never").exists()

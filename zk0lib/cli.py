@@ -54,6 +54,78 @@ def cmd_model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim_record(args: argparse.Namespace) -> int:
+    from zk0lib.config import zk0_home
+    from zk0lib.sim.labs import LABS
+    from zk0lib.sim.record import record_lab
+
+    labs = list(LABS) if args.lab == "all" else [args.lab]
+    for lab in labs:
+        t0 = time.perf_counter()
+        rec = record_lab(
+            lab,
+            args.episodes,
+            zk0_home() / "data_cache",
+            args.image_size,
+            args.seed,
+            args.workers,
+            progress=lambda done, total, lab=lab: print(f"\r{lab}: {done}/{total} episodes", end="", flush=True),
+        )
+        print(
+            f"\r{lab}: {rec.episodes} episodes ({rec.failed} failed expert attempts not saved), {rec.frames} frames, "
+            f"{rec.frames_per_second:.1f} frames/s when recorded, {time.perf_counter() - t0:.1f} s now -> {rec.root}"
+        )
+    return 0
+
+
+def cmd_sim_check(args: argparse.Namespace) -> int:
+    from zk0lib.sim.labs import LABS
+    from zk0lib.sim.record import check_expert
+    from zk0lib.sim.rollout import wilson_interval
+
+    labs = list(LABS) if args.lab == "all" else [args.lab]
+    print(f"{'lab':<12} {'expert':>22} {'open-loop replay':>22} {'seconds':>8}")
+    for lab in labs:
+        t0 = time.perf_counter()
+        result = check_expert(lab, args.episodes, args.seed)
+        cells = []
+        for key in ("expert", "replay"):
+            wins, n = sum(result[key]), len(result[key])
+            lo, hi = wilson_interval(wins, n)
+            cells.append(f"{wins}/{n} [{lo:.2f}, {hi:.2f}]")
+        print(f"{lab:<12} {cells[0]:>22} {cells[1]:>22} {time.perf_counter() - t0:8.1f}")
+    return 0
+
+
+def cmd_sim_rollout(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib.sim.rollout import HoldStillPolicy, ScriptedExpertPolicy, rollout
+
+    if args.policy == "expert":
+        policy, processors = ScriptedExpertPolicy(), None
+    elif args.policy == "still":
+        policy, processors = HoldStillPolicy(), None
+    else:
+        from zk0lib.model import load_policy
+
+        bundle = load_policy(args.policy, args.device)
+        policy, processors = bundle.policy, (bundle.preprocessor, bundle.postprocessor)
+    result = rollout(
+        policy,
+        processors,
+        args.lab,
+        args.episodes,
+        seed=args.seed,
+        image_size=args.image_size,
+        max_frames=args.max_frames,
+        video_dir=Path(args.videos) if args.videos else None,
+        device=args.device,
+    )
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zk0", description="Federated fine-tuning of SmolVLA with Flower")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +150,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model-info", help="parameter counts and bytes per round of smolvla_base (built offline)")
     p.set_defaults(func=cmd_model_info)
+
+    sim = sub.add_parser("sim", help="simulated SO-101 labs").add_subparsers(dest="sim_command", required=True)
+    p = sim.add_parser("record", help="record a lab's expert demonstrations as a LeRobot dataset (cached)")
+    p.add_argument("--lab", required=True, help="a lab name, or all")
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.set_defaults(func=cmd_sim_record)
+    p = sim.add_parser("check", help="expert success and open-loop replay success over seeded episodes")
+    p.add_argument("--lab", default="all")
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_sim_check)
+    p = sim.add_parser("rollout", help="closed-loop evaluation of a policy folder (or expert/still) in a lab")
+    p.add_argument("--lab", required=True)
+    p.add_argument("--policy", required=True, help="a lerobot policy folder, or 'expert', or 'still'")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--max-frames", type=int, default=450)
+    p.add_argument("--videos", help="folder for an mp4 per episode")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_sim_rollout)
     return parser
 
 

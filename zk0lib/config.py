@@ -18,7 +18,7 @@ from typing import Any
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 TRANSPORT_DTYPES = ("float32", "bfloat16")
-SOURCES = ("hub", "local", "synthetic")
+SOURCES = ("hub", "local", "synthetic", "sim")
 EVAL_WHERE = ("server", "clients")
 TINY = "tiny"
 
@@ -38,6 +38,7 @@ class ClientConfig:
     episodes: int | None = None  # use only the first N episodes (None: all)
     heldout_episodes: int | None = None  # None: data.heldout_episodes
     variant: int = 0  # scene variation of a synthetic client
+    lab: str = ""  # simulated lab (source=sim), e.g. lab-red: recorded by the scripted expert on first use
 
 
 @dataclass
@@ -51,6 +52,9 @@ class DataConfig:
     synthetic_episodes: int = 8
     synthetic_frames: int = 45
     synthetic_image_size: int = 64
+    sim_episodes: int = 20  # expert demonstrations recorded per simulated lab
+    sim_image_size: int = 128  # camera frames of the simulated labs (square)
+    record_workers: int = 2  # processes simulating episodes while recording
 
 
 @dataclass
@@ -107,6 +111,10 @@ class EvalConfig:
     action_frames: int = 16  # held-out frames per client whose action chunk is sampled
     seed: int = 0
     bootstrap: int = 1000
+    rollout_episodes: int = 0  # closed-loop episodes per simulated lab (0: none)
+    rollout_every: int = 0  # rounds between closed-loop evaluations (0: after the last round only)
+    rollout_max_frames: int = 450  # 15 s at 30 fps
+    rollout_videos: bool = False  # an mp4 per episode of the last closed-loop evaluation
 
 
 @dataclass
@@ -201,21 +209,26 @@ def _smoke() -> ExperimentConfig:
     )
 
 
+def _lab_clients(labs: tuple[str, ...]) -> list[ClientConfig]:
+    return [ClientConfig(name=lab, source="sim", lab=lab) for lab in labs]
+
+
 def _demo() -> ExperimentConfig:
+    from zk0lib.sim.labs import CLIENT_LABS, UNSEEN_LAB
+
     return ExperimentConfig(
         preset="demo",
         data=DataConfig(
-            clients=_synthetic_clients(3),
-            eval_only=_unseen(),
+            clients=_lab_clients(CLIENT_LABS),
+            eval_only=_lab_clients((UNSEEN_LAB,)),
             heldout_episodes=3,
-            synthetic_episodes=16,
-            synthetic_frames=60,
-            synthetic_image_size=64,
+            sim_episodes=20,
+            sim_image_size=128,
         ),
         model=ModelConfig(pretrained=TINY, device="cpu", chunk_size=10, n_action_steps=10, num_denoise_steps=5),
         train=TrainConfig(local_steps=25, batch_size=8, lr=1e-3, num_workers=1),
         fl=FLConfig(strategy="fedprox", num_rounds=5, proximal_mu=0.01, client_num_cpus=2),
-        eval=EvalConfig(batch_size=16, max_frames=None, action_frames=12, bootstrap=1000),
+        eval=EvalConfig(batch_size=16, max_frames=240, action_frames=12, bootstrap=1000, rollout_episodes=5),
     )
 
 
@@ -432,6 +445,11 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
                 heldout < c.episodes,
                 f"{key}: held-out episodes ({heldout}) must be fewer than episodes used ({c.episodes})",
             )
+        if c.source == "sim":
+            need(
+                heldout < d.sim_episodes,
+                f"{key}: held-out episodes ({heldout}) must be fewer than data.sim_episodes ({d.sim_episodes})",
+            )
         if c.source == "synthetic":
             need(
                 heldout < d.synthetic_episodes,
@@ -484,6 +502,17 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     need(e.max_frames is None or e.max_frames >= 1, f"eval.max_frames must be >= 1 or none (got {e.max_frames})")
     need(e.action_frames >= 0, f"eval.action_frames must be >= 0 (got {e.action_frames})")
     need(e.bootstrap >= 0, f"eval.bootstrap must be >= 0 (got {e.bootstrap})")
+    need(e.rollout_episodes >= 0, f"eval.rollout_episodes must be >= 0 (got {e.rollout_episodes})")
+    need(e.rollout_every >= 0, f"eval.rollout_every must be >= 0 (got {e.rollout_every})")
+    need(e.rollout_max_frames >= 1, f"eval.rollout_max_frames must be >= 1 (got {e.rollout_max_frames})")
+    if e.rollout_episodes:
+        need(
+            any(c.source == "sim" for c in [*d.clients, *d.eval_only]),
+            "eval.rollout_episodes > 0 needs simulated labs among data.clients or data.eval_only (source=sim)",
+        )
+    need(d.sim_episodes >= 1, f"data.sim_episodes must be >= 1 (got {d.sim_episodes})")
+    need(d.sim_image_size >= 32, f"data.sim_image_size must be >= 32 (got {d.sim_image_size})")
+    need(d.record_workers >= 1, f"data.record_workers must be >= 1 (got {d.record_workers})")
     if e.where == "clients":
         need(f.fraction_evaluate > 0, "eval.where=clients needs fl.fraction_evaluate > 0")
     run_id = cfg.output.run_id
@@ -503,6 +532,10 @@ def _check_source(c: ClientConfig, key: str, need: Any) -> None:
         need(
             "/" in c.repo_id, f"{key}.repo_id: a Hub dataset id like 'lerobot/svla_so100_pickplace', got {c.repo_id!r}"
         )
+    if c.source == "sim":
+        from zk0lib.sim.labs import LABS
+
+        need(c.lab in LABS, f"{key}.lab: unknown simulated lab {c.lab!r} (choose {', '.join(LABS)})")
     if c.source == "local":
         need(c.root is not None, f"{key}.root: a local dataset needs its folder (source=local)")
         if c.root is not None:

@@ -32,12 +32,21 @@ class ClientData:
     heldout_episodes: list[int]
 
 
-def dataset_location(cfg: ExperimentConfig, client: ClientConfig) -> tuple[str, Path | None]:
-    """(repo_id, root) of a client's dataset; synthetic datasets are written here on first use."""
+def dataset_location(cfg: ExperimentConfig, client: ClientConfig, progress=None) -> tuple[str, Path | None]:
+    """(repo_id, root) of a client's dataset; synthetic and simulated ones are recorded on first use
+    (`progress(done, total)` hears about each recorded episode)."""
     if client.source == "synthetic":
         d = cfg.data
         spec = SyntheticSpec(client.variant, d.synthetic_episodes, d.synthetic_frames, d.synthetic_image_size, cfg.seed)
         return client.repo_id, ensure_synthetic_dataset(spec, client.repo_id, cfg.cache_dir / "datasets" / "synthetic")
+    if client.source == "sim":
+        from zk0lib.sim.record import record_lab
+
+        d = cfg.data
+        rec = record_lab(
+            client.lab, d.sim_episodes, cfg.cache_dir, d.sim_image_size, cfg.seed, d.record_workers, progress
+        )
+        return f"zk0/{client.lab}", rec.root
     if client.root is not None:
         root = Path(client.root).expanduser()
         return client.repo_id or root.name, root if root.is_absolute() else cfg.home / root

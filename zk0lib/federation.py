@@ -612,12 +612,17 @@ class FederatedServer:
             record["eval"] = {"clients": evals, "mean": mean}
         if extra:
             record.setdefault("eval", {})["extra"] = extra
+        t_rollout = time.perf_counter()
+        if self.rollout_due(server_round):
+            record["rollout"] = self.closed_loop(server_round)
+        rollout_seconds = time.perf_counter() - t_rollout
         t_ckpt = time.perf_counter()
         self._checkpoint(server_round, mean)
         record["seconds"] = {
             "round": time.perf_counter() - st.get("t0", t_eval),
             "train": st.get("train_seconds"),
             "evaluate": eval_seconds,
+            "rollout": rollout_seconds,
             "checkpoint": time.perf_counter() - t_ckpt,
         }
         self.run.append_round(record)
@@ -629,6 +634,42 @@ class FederatedServer:
             wall_seconds=time.perf_counter() - self.t_start,
         )
         return MetricRecord({k: v for k, v in mean.items() if isinstance(v, float)})
+
+    def rollout_due(self, server_round: int) -> bool:
+        e, last = self.cfg.eval, self.cfg.fl.num_rounds
+        if not e.rollout_episodes or server_round == 0:
+            return False
+        return server_round == last or bool(e.rollout_every and server_round % e.rollout_every == 0)
+
+    def closed_loop(self, server_round: int) -> dict[str, Any]:
+        """The global model in every simulated lab (clients' and evaluation-only): success and stages."""
+        from zk0lib.sim.rollout import rollout, wilson_interval
+
+        cfg, e = self.cfg, self.cfg.eval
+        videos = self.run.path / "videos" / f"round{server_round:03d}" if e.rollout_videos else None
+        labs = {c.name: (c, "client") for c in cfg.data.clients if c.source == "sim"}
+        labs |= {c.name: (c, "eval_only") for c in cfg.data.eval_only if c.source == "sim"}
+        out: dict[str, Any] = {"labs": {}}
+        for name, (spec, role) in labs.items():
+            result = rollout(
+                self.bundle.policy,
+                (self.bundle.preprocessor, self.bundle.postprocessor),
+                spec.lab,
+                e.rollout_episodes,
+                seed=e.seed,
+                image_size=cfg.data.sim_image_size,
+                cache_dir=cfg.cache_dir,
+                max_frames=e.rollout_max_frames,
+                video_dir=videos,
+                device=self.bundle.device,
+            )
+            out["labs"][name] = {"role": role, **result}
+        clients = [v["summary"] for v in out["labs"].values() if v["role"] == "client"]
+        if clients:
+            wins = sum(round(c["success_rate"] * c["episodes"]) for c in clients)
+            n = sum(c["episodes"] for c in clients)
+            out["clients"] = {"success_rate": wins / n, "success_ci": list(wilson_interval(wins, n)), "episodes": n}
+        return out
 
     def _checkpoint(self, server_round: int, mean: dict[str, Any]) -> None:
         if server_round == 0 or not self.cfg.output.save_checkpoints:
@@ -654,6 +695,15 @@ class FederatedServer:
             parts.append(f"action MAE {mean['action_mae']:.3f}")
         for name, ev in record.get("eval", {}).get("extra", {}).items():
             parts.append(f"{name}: loss {ev['loss']:.4f}")
+        if "rollout" in record:
+            labs = record["rollout"]["labs"]
+            parts.append(
+                "closed-loop success "
+                + ", ".join(
+                    f"{name} {v['summary']['success_rate']:.0%} ({v['summary']['furthest_stage']})"
+                    for name, v in labs.items()
+                )
+            )
         if record.get("failures"):
             parts.append(f"{len(record['failures'])} failures")
         parts.append(f"{record['seconds']['round']:.1f}s")
@@ -734,10 +784,23 @@ def server_main(grid: Grid, context: Context) -> None:
         finished_at=utc_now(),
         wall_seconds=time.perf_counter() - server.t_start,
         final=_final_eval(run),
+        final_rollout=_final_rollout(run),
         best=server.best,
         totals=server.totals,
     )
     server.log(f"run {run.run_id} completed: {run.path}")
+
+
+def _final_rollout(run: RunRecord) -> dict[str, Any] | None:
+    done = [r for r in run.rounds() if "rollout" in r]
+    if not done:
+        return None
+    last = done[-1]["rollout"]
+    return {
+        "round": done[-1]["round"],
+        "clients": last.get("clients"),
+        "labs": {name: v["summary"] for name, v in last["labs"].items()},
+    }
 
 
 def _final_eval(run: RunRecord) -> dict[str, Any] | None:

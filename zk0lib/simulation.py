@@ -79,7 +79,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare(cfg: ExperimentConfig) -> None:
+def prepare(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None) -> None:
     """Check and make what every process will open, before any starts: fail here, early and clearly,
     rather than inside a simulation; and no two clients race to write the same dataset."""
     cpus = os.cpu_count() or 1
@@ -95,10 +95,15 @@ def prepare(cfg: ExperimentConfig) -> None:
             raise FederatedRunError(
                 "fl.client_num_gpus > 0 but no CUDA GPU is visible: use --set fl.client_num_gpus=0 --set model.device=cpu"
             )
-    for i, client in enumerate(cfg.data.clients):
-        load_metadata(*dataset_location(cfg, client), f"data.clients.{i}")
-    for i, spec in enumerate(cfg.data.eval_only):
-        load_metadata(*dataset_location(cfg, spec), f"data.eval_only.{i}")
+    entries = [(f"data.clients.{i}", c) for i, c in enumerate(cfg.data.clients)]
+    entries += [(f"data.eval_only.{i}", c) for i, c in enumerate(cfg.data.eval_only)]
+    for key, client in entries:
+
+        def report(done: int, total: int, name: str = client.name) -> None:
+            if progress is not None and (done % 5 == 0 or done == total):
+                progress(f"recording {name}: {done}/{total} expert episodes")
+
+        load_metadata(*dataset_location(cfg, client, report), key)
     if cfg.model.pretrained == "tiny":
         ensure_tiny_vlm()
     else:
@@ -234,7 +239,7 @@ def run_federated(
     env.quiet()
     validate(cfg)
     env.use_offline_hub_if_possible(cfg)
-    prepare(cfg)  # before the run folder exists: a run that cannot start leaves nothing behind
+    prepare(cfg, progress)  # before the run folder exists: a run that cannot start leaves nothing behind
     run = run or RunRecord.create(cfg)
     log_path = run.path / "flower.log"
     flower_run_id, status = "", "unknown"

@@ -232,18 +232,28 @@ def replay_success(lab: LabSpec | str, root: Path, image_size: int = 128, cache_
     return results
 
 
-def expert_success(lab: LabSpec | str, episodes: int, seed: int = 0, cache_dir: Path | None = None) -> list[bool]:
-    """The scripted expert alone (no rendering) on `episodes` recording seeds."""
+def check_expert(
+    lab: LabSpec | str, episodes: int, seed: int = 0, cache_dir: Path | None = None
+) -> dict[str, list[bool]]:
+    """The scripted expert on `episodes` recording seeds (no rendering), and the open-loop replay of
+    its joint targets rounded to float32 exactly as a dataset stores them: did each succeed?"""
     from zk0lib.sim.env import LabEnv, run_expert_episode
 
     lab = get_lab(lab) if isinstance(lab, str) else lab
     env = LabEnv(lab, 64, cache_dir)
+    expert, replay = [], []
     try:
-        out = []
         for k in range(episodes):
-            for _ in run_expert_episode(env, episode_seed(lab, seed, k), render=False):
-                pass
-            out.append(env.stage == 4)
-        return out
+            ep_seed = episode_seed(lab, seed, k)
+            actions = [np.asarray(a, dtype=np.float32) for _, a, _ in run_expert_episode(env, ep_seed, render=False)]
+            expert.append(env.stage == 4)
+            env.reset(seed=ep_seed)
+            success = False
+            for action in actions:
+                success, failed = env.step_frame(action)
+                if success or failed:
+                    break
+            replay.append(success)
+        return {"expert": expert, "replay": replay}
     finally:
         env.close()

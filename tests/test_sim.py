@@ -1,0 +1,150 @@
+"""Simulated SO-101 labs: expert, recording to LeRobot datasets, open-loop replay, closed-loop rollouts."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from zk0lib.sim.labs import CLIENT_LABS, LABS, UNSEEN_LAB
+from zk0lib.sim.record import RECORD_INFO, check_expert, record_lab, replay_success
+from zk0lib.sim.rollout import HoldStillPolicy, ScriptedExpertPolicy, rollout, wilson_interval
+
+IMAGE = 64
+
+
+@pytest.fixture(scope="module")
+def cache(home):
+    return home / "data_cache"
+
+
+@pytest.fixture(scope="module")
+def recording(cache):
+    return record_lab("lab-blue", 3, cache, image_size=IMAGE, seed=0, workers=2)
+
+
+def test_labs_differ_like_owners_setups():
+    assert set(CLIENT_LABS) | {UNSEEN_LAB} == set(LABS)
+    tasks = {LABS[name].task for name in LABS}
+    assert len(tasks) == len(LABS)
+    assert LABS["lab-red"].task == "pick up the red cube and place it on the green target"
+    assert len({LABS[n].digest() for n in LABS}) == len(LABS)
+
+
+@pytest.mark.parametrize("lab", sorted(LABS))
+def test_expert_and_replay_succeed_in_every_lab(lab, cache):
+    result = check_expert(lab, 4, seed=0, cache_dir=cache)
+    assert sum(result["expert"]) >= 0.95 * 4
+    assert sum(result["replay"]) >= 0.95 * 4
+
+
+def test_recorded_lab_is_a_lerobot_dataset(recording, cache):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    assert recording.episodes == 3 and recording.attempts >= 3
+    ds = LeRobotDataset("zk0/lab-blue", root=recording.root)
+    assert ds.meta.fps == 30 and ds.meta.total_episodes == 3 and ds.meta.robot_type == "so101_follower"
+    assert ds.meta.features["observation.state"]["names"][0] == "shoulder_pan.pos"
+    item = ds[0]
+    assert tuple(item["observation.state"].shape) == (6,) and tuple(item["action"].shape) == (6,)
+    for cam in ("front", "wrist"):
+        assert ds.meta.features[f"observation.images.{cam}"]["dtype"] == "video"
+        assert tuple(item[f"observation.images.{cam}"].shape) == (3, IMAGE, IMAGE)
+    assert item["task"] == LABS["lab-blue"].task
+    info = json.loads((recording.root / RECORD_INFO).read_text())
+    assert len(info["episode_seeds"]) == 3
+
+
+def test_recording_is_cached_and_independent_of_workers(recording, cache, tmp_path):
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    again = record_lab("lab-blue", 3, cache, image_size=IMAGE, seed=0, workers=2)
+    assert again.root == recording.root and again.seconds == recording.seconds  # read from the cache
+    single = record_lab("lab-blue", 3, tmp_path, image_size=IMAGE, seed=0, workers=1)
+    a = LeRobotDataset("zk0/lab-blue", root=recording.root).hf_dataset
+    b = LeRobotDataset("zk0/lab-blue", root=single.root).hf_dataset
+    np.testing.assert_array_equal(np.asarray(a["action"]), np.asarray(b["action"]))
+    np.testing.assert_array_equal(np.asarray(a["observation.state"]), np.asarray(b["observation.state"]))
+
+
+def test_open_loop_replay_of_the_recording(recording, cache):
+    assert all(replay_success("lab-blue", recording.root, image_size=IMAGE, cache_dir=cache))
+
+
+def test_rollout_of_the_expert_and_of_a_still_arm(cache, tmp_path):
+    expert = rollout(
+        ScriptedExpertPolicy(), None, "lab-red", 2, image_size=IMAGE, cache_dir=cache, video_dir=tmp_path / "videos"
+    )
+    s = expert["summary"]
+    assert s["success_rate"] == 1.0 and s["furthest_stage"] == "placed" and s["stage_reached"]["grasped"] == 1.0
+    assert s["success_ci"] == pytest.approx(list(wilson_interval(2, 2)))
+    video = expert["episodes"][0]["video"]
+    import av
+
+    with av.open(video) as container:
+        frames = sum(1 for _ in container.decode(video=0))
+    assert frames == expert["episodes"][0]["frames"]
+
+    still = rollout(HoldStillPolicy(), None, "lab-red", 2, image_size=IMAGE, cache_dir=cache, max_frames=60)
+    assert still["summary"]["success_rate"] == 0.0 and still["summary"]["furthest_stage"] == "none"
+    assert all(e["frames"] == 60 for e in still["episodes"])
+
+
+def test_wilson_interval():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and 0.25 < hi < 0.35
+    lo, hi = wilson_interval(10, 10)
+    assert 0.65 < lo < 0.75 and hi == 1.0
+
+
+def test_cli_check_reports_a_table(home):
+    out = subprocess.run(
+        [sys.executable, "-m", "zk0lib.cli", "sim", "check", "--lab", "lab-red", "--episodes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "lab-red" in out.stdout and "2/2" in out.stdout
+
+
+def test_tiny_smolvla_trains_on_labs_with_closed_loop_evaluation(home, zk0_cli, recording):
+    from zk0lib.runs import RunRecord
+
+    labs = [{"name": lab, "source": "sim", "lab": lab} for lab in ("lab-red", "lab-blue")]
+    out = zk0_cli(
+        "train",
+        "--preset",
+        "smoke",
+        "--run-id",
+        "e2e-labs",
+        "--set",
+        f"data.clients={json.dumps(labs)}",
+        "--set",
+        'data.eval_only=[{"name": "lab-unseen", "source": "sim", "lab": "lab-unseen"}]',
+        "--set",
+        "data.sim_episodes=3",
+        "--set",
+        f"data.sim_image_size={IMAGE}",
+        "--set",
+        "data.heldout_episodes=1",
+        "--set",
+        "fl.num_rounds=1",
+        "--set",
+        "eval.rollout_episodes=1",
+        "--set",
+        "eval.rollout_max_frames=30",
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    run = RunRecord(home / "reports" / "runs" / "e2e-labs")
+    last = run.rounds()[-1]
+    assert set(last["train"]["clients"]) == {"lab-red", "lab-blue"}
+    assert set(last["eval"]["clients"]) == {"lab-red", "lab-blue"} and "lab-unseen" in last["eval"]["extra"]
+    labs_done = last["rollout"]["labs"]
+    assert set(labs_done) == {"lab-red", "lab-blue", "lab-unseen"} and labs_done["lab-unseen"]["role"] == "eval_only"
+    for lab in labs_done.values():
+        assert lab["summary"]["episodes"] == 1 and lab["episodes"][0]["frames"] <= 30
+    assert last["rollout"]["clients"]["episodes"] == 2
+    assert run.summary()["final_rollout"]["labs"]["lab-red"]["episodes"] == 1
+    assert "closed-loop success" in out.stdout
