@@ -84,7 +84,7 @@ def cmd_sim_check(args: argparse.Namespace) -> int:
     from zk0lib.sim.rollout import wilson_interval
 
     labs = list(LABS) if args.lab == "all" else [args.lab]
-    print(f"{'lab':<12} {'expert':>22} {'open-loop replay':>22} {'seconds':>8}")
+    print(f"{'lab':<12} {'expert':>22} {'replay of its successes':>24} {'seconds':>8}")
     for lab in labs:
         t0 = time.perf_counter()
         result = check_expert(lab, args.episodes, args.seed)
@@ -93,7 +93,7 @@ def cmd_sim_check(args: argparse.Namespace) -> int:
             wins, n = sum(result[key]), len(result[key])
             lo, hi = wilson_interval(wins, n)
             cells.append(f"{wins}/{n} [{lo:.2f}, {hi:.2f}]")
-        print(f"{lab:<12} {cells[0]:>22} {cells[1]:>22} {time.perf_counter() - t0:8.1f}")
+        print(f"{lab:<12} {cells[0]:>22} {cells[1]:>24} {time.perf_counter() - t0:8.1f}")
     return 0
 
 

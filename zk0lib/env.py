@@ -50,7 +50,17 @@ def needs_hub(cfg: ExperimentConfig) -> bool:
 
 def use_offline_hub_if_possible(cfg: ExperimentConfig) -> bool:
     """Turn on HF_HUB_OFFLINE when the config needs no Hub, so nothing waits on a network timeout."""
-    if needs_hub(cfg) or os.environ.get("HF_HUB_OFFLINE") == "0":
+    if needs_hub(cfg):
+        return False
+    return set_hub_offline()
+
+
+def set_hub_offline() -> bool:
+    """HF_HUB_OFFLINE for this process (and its children), unless the user set HF_HUB_OFFLINE=0.
+
+    Without it, looking up a local-only repo such as the tiny VLM waits on network timeouts where the
+    Hub is unreachable (minutes here)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "0":
         return False
     os.environ["HF_HUB_OFFLINE"] = "1"
     if "huggingface_hub" in sys.modules:  # already imported: flip the constant it reads

@@ -283,6 +283,9 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
     from lerobot.processor import RenameObservationsProcessorStep
     from lerobot.utils.feature_utils import dataset_to_policy_features
 
+    from zk0lib.env import use_offline_hub_if_possible
+
+    use_offline_hub_if_possible(cfg)
     device = resolve_device(cfg.model.device)
     pc = policy_config(cfg, device)
     rename = dict(cfg.data.rename_map)
@@ -410,9 +413,12 @@ def load_policy(path: str | Path, device: str = "cpu") -> PolicyBundle:
     from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
+    from zk0lib.env import set_hub_offline
+
     path = Path(path)
     if json.loads((path / "config.json").read_text()).get("vlm_model_name") == TINY_VLM_REPO:
         ensure_tiny_vlm()
+        set_hub_offline()  # the tiny VLM exists only in the local cache
     policy = SmolVLAPolicy.from_pretrained(path)
     dev = resolve_device(device)
     policy.to(dev)

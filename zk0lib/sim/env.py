@@ -173,10 +173,10 @@ class LabEnv(SO101PickPlaceGymEnv, _LabSceneBase):
 
 
 def run_expert_episode(env: LabEnv, seed: int, max_decisions: int = 120, render: bool = True):
-    """One scripted-expert episode: yields (state, action, images) per 30 fps frame; returns success.
+    """One scripted-expert episode, as (state, action, camera images) per 30 fps frame.
 
-    Use as `frames = list(gen)` is not possible with the return value, so the caller reads
-    `env.stage` (4 = placed) after exhausting the generator.
+    The episode ends at success, when the cube leaves the workspace, or after `max_decisions`;
+    afterwards `env.stage` tells how far it got (4 = placed).
     """
     env.reset(seed=seed)
     for _ in range(max_decisions):

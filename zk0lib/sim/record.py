@@ -235,8 +235,9 @@ def replay_success(lab: LabSpec | str, root: Path, image_size: int = 128, cache_
 def check_expert(
     lab: LabSpec | str, episodes: int, seed: int = 0, cache_dir: Path | None = None
 ) -> dict[str, list[bool]]:
-    """The scripted expert on `episodes` recording seeds (no rendering), and the open-loop replay of
-    its joint targets rounded to float32 exactly as a dataset stores them: did each succeed?"""
+    """The scripted expert on `episodes` recording seeds (no rendering), and for the episodes it
+    succeeded in (those a recording keeps), the open-loop replay of its joint targets rounded to
+    float32 as a dataset stores them: did each succeed?"""
     from zk0lib.sim.env import LabEnv, run_expert_episode
 
     lab = get_lab(lab) if isinstance(lab, str) else lab
@@ -247,6 +248,8 @@ def check_expert(
             ep_seed = episode_seed(lab, seed, k)
             actions = [np.asarray(a, dtype=np.float32) for _, a, _ in run_expert_episode(env, ep_seed, render=False)]
             expert.append(env.stage == 4)
+            if not expert[-1]:
+                continue
             env.reset(seed=ep_seed)
             success = False
             for action in actions:
