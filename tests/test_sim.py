@@ -148,3 +148,10 @@ def test_tiny_smolvla_trains_on_labs_with_closed_loop_evaluation(home, zk0_cli, 
     assert last["rollout"]["clients"]["episodes"] == 2
     assert run.summary()["final_rollout"]["labs"]["lab-red"]["episodes"] == 1
     assert "closed-loop success" in out.stdout
+
+
+def test_recorded_lab_validates_clean(recording):
+    from zk0lib.validate import validate_dataset
+
+    report = validate_dataset(recording.root, decode="full", chunk_size=10)
+    assert report.findings == [], report.table()

@@ -126,6 +126,40 @@ def cmd_sim_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from zk0lib.env import quiet, use_offline_hub_if_possible
+    from zk0lib.validate import check_before_training, validate_clients
+
+    quiet()
+    cfg = _config(args)
+    use_offline_hub_if_possible(cfg)
+    t0 = time.perf_counter()
+    decode = {"off": "none"}.get(args.decode, args.decode)
+    report = validate_clients(cfg, decode=decode, fraction=args.fraction, sources=True)
+    print(report.table(max_rows=args.max_rows))
+    _print_decode_speed(report)
+    name = args.name or cfg.preset
+    csv_path, _ = report.save(cfg.home / "reports" / "validation", name)
+    print(f"findings: {csv_path} (and .json); {time.perf_counter() - t0:.1f} s")
+    if args.repair and report.errors:
+        cfg.data.repair, cfg.data.allow_invalid, cfg.data.validate = True, True, decode
+        repaired = check_before_training(cfg, progress=lambda line: print(line, flush=True))
+        print(f"after repair: {len(repaired.errors)} errors, {len(repaired.warnings)} warnings")
+        repaired.save(cfg.home / "reports" / "validation", f"{name}-repaired")
+        return 1 if repaired.errors else 0
+    return 1 if report.errors else 0
+
+
+def _print_decode_speed(report) -> None:
+    for c in report.checked:
+        if c["decoded_frames"]:
+            per_1000 = c["decode_seconds"] / (c["decoded_frames"] / 1000)
+            print(
+                f"  {c['client']}: decoded {c['decoded_frames']} frames x camera ({c['decode']}) in "
+                f"{c['decode_seconds']:.1f} s = {per_1000:.2f} s per 1000 frames per camera"
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zk0", description="Federated fine-tuning of SmolVLA with Flower")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -147,6 +181,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("config", help="print the resolved config"))
     p.add_argument("--flat", action="store_true", help="one dotted key per line")
     p.set_defaults(func=cmd_config)
+
+    p = with_config(sub.add_parser("validate", help="check the config's datasets (and repair them)"))
+    p.add_argument(
+        "--decode",
+        choices=("full", "sample", "off"),
+        default="full",
+        help="decode every video frame (full, default), a share of them (sample) or none",
+    )
+    p.add_argument("--fraction", type=float, default=0.1, help="share of frames decoded in sample mode")
+    p.add_argument("--repair", action="store_true", help="write repaired copies under data_cache/repaired")
+    p.add_argument("--name", help="report name under reports/validation (default: the preset)")
+    p.add_argument("--max-rows", type=int, default=40)
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("model-info", help="parameter counts and bytes per round of smolvla_base (built offline)")
     p.set_defaults(func=cmd_model_info)
@@ -191,8 +238,12 @@ def main(argv: list[str] | None = None) -> int:
         from zk0lib.data import DatasetNotAvailableError
         from zk0lib.model import ModelNotAvailableError
         from zk0lib.simulation import FederatedRunError
+        from zk0lib.validate import DatasetInvalidError
 
-        if isinstance(e, (FederatedRunError, ModelNotAvailableError, DatasetNotAvailableError, FileExistsError)):
+        if isinstance(
+            e,
+            (FederatedRunError, ModelNotAvailableError, DatasetNotAvailableError, FileExistsError, DatasetInvalidError),
+        ):
             print(f"zk0: {e}", file=sys.stderr)
             return 1
         raise

@@ -55,6 +55,10 @@ class DataConfig:
     sim_episodes: int = 20  # expert demonstrations recorded per simulated lab
     sim_image_size: int = 128  # camera frames of the simulated labs (square)
     record_workers: int = 2  # processes simulating episodes while recording
+    validate: str = "sample"  # before training: full (decode every frame), sample, or off
+    validate_fraction: float = 0.1  # share of each episode's frames decoded in sample mode
+    repair: bool = False  # train on a repaired copy (under data_cache/repaired) of datasets with errors
+    allow_invalid: bool = False  # train despite validation errors (they are still printed and recorded)
 
 
 @dataclass
@@ -513,6 +517,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     need(d.sim_episodes >= 1, f"data.sim_episodes must be >= 1 (got {d.sim_episodes})")
     need(d.sim_image_size >= 32, f"data.sim_image_size must be >= 32 (got {d.sim_image_size})")
     need(d.record_workers >= 1, f"data.record_workers must be >= 1 (got {d.record_workers})")
+    need(d.validate in ("full", "sample", "off"), f"data.validate: full, sample or off, got {d.validate!r}")
+    need(0 < d.validate_fraction <= 1, f"data.validate_fraction must be in (0, 1] (got {d.validate_fraction})")
     if e.where == "clients":
         need(f.fraction_evaluate > 0, "eval.where=clients needs fl.fraction_evaluate > 0")
     run_id = cfg.output.run_id

@@ -33,8 +33,27 @@ class ClientData:
 
 
 def dataset_location(cfg: ExperimentConfig, client: ClientConfig, progress=None) -> tuple[str, Path | None]:
-    """(repo_id, root) of a client's dataset; synthetic and simulated ones are recorded on first use
-    (`progress(done, total)` hears about each recorded episode)."""
+    """(repo_id, root) of the dataset a client trains on: its source, or with data.repair the repaired
+    copy zk0 made of it (`zk0 validate --repair`, or before training)."""
+    repo_id, root = source_location(cfg, client, progress)
+    if cfg.data.repair:
+        from zk0lib.validate import repaired_root
+
+        fixed = repaired_root(cfg.cache_dir, client.name, root if root is not None else _hub_root(repo_id))
+        if (fixed / "meta" / "info.json").exists():
+            return repo_id, fixed
+    return repo_id, root
+
+
+def _hub_root(repo_id: str) -> Path:
+    from lerobot.utils.constants import HF_LEROBOT_HOME
+
+    return Path(HF_LEROBOT_HOME) / repo_id
+
+
+def source_location(cfg: ExperimentConfig, client: ClientConfig, progress=None) -> tuple[str, Path | None]:
+    """(repo_id, root) of a client's source dataset; synthetic and simulated ones are recorded on first
+    use (`progress(done, total)` hears about each recorded episode)."""
     if client.source == "synthetic":
         d = cfg.data
         spec = SyntheticSpec(client.variant, d.synthetic_episodes, d.synthetic_frames, d.synthetic_image_size, cfg.seed)

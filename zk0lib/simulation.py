@@ -28,6 +28,7 @@ from zk0lib.data import dataset_location, load_metadata
 from zk0lib.federation import encode_config
 from zk0lib.model import check_pretrained, ensure_tiny_vlm
 from zk0lib.runs import RunRecord
+from zk0lib.validate import Report, check_before_training
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -79,7 +80,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None) -> None:
+def prepare(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None) -> Report | None:
     """Check and make what every process will open, before any starts: fail here, early and clearly,
     rather than inside a simulation; and no two clients race to write the same dataset."""
     cpus = os.cpu_count() or 1
@@ -108,6 +109,7 @@ def prepare(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None
         ensure_tiny_vlm()
     else:
         check_pretrained(cfg.model.pretrained)
+    return check_before_training(cfg, progress)
 
 
 def _kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -239,8 +241,15 @@ def run_federated(
     env.quiet()
     validate(cfg)
     env.use_offline_hub_if_possible(cfg)
-    prepare(cfg, progress)  # before the run folder exists: a run that cannot start leaves nothing behind
+    validation = prepare(cfg, progress)  # before the run folder exists: a run that cannot start leaves nothing
     run = run or RunRecord.create(cfg)
+    if validation is not None:
+        validation.save(run.path, "validation")
+        if validation.findings and progress is not None:
+            progress(
+                f"validation: {len(validation.errors)} errors, {len(validation.warnings)} warnings "
+                f"(allowed: data.allow_invalid={cfg.data.allow_invalid}); see {run.path / 'validation.csv'}"
+            )
     log_path = run.path / "flower.log"
     flower_run_id, status = "", "unknown"
     try:
