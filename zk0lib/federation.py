@@ -213,8 +213,11 @@ def client_describe(msg: Message, context: Context) -> Message:
     pid = partition_of(context, cfg)
     local = _local(cfg, pid)
     meta = local.data.meta
+    checked = _validate_local(cfg, local)
     info = ConfigRecord(
         {
+            "validation-errors": len(checked.errors),
+            "validation-summary": "; ".join(f"{f.check} ep {f.episode}: {f.message}" for f in checked.errors[:3]),
             "name": local.data.name,
             "partition-id": pid,
             "fps": int(meta.fps),
@@ -227,6 +230,15 @@ def client_describe(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({"info": info, "stats": stats_to_record(meta.stats)}), reply_to=msg)
+
+
+def _validate_local(cfg: ExperimentConfig, local: _Local) -> Any:
+    """This client's own check of its dataset (cached: free when `zk0 train` already ran it)."""
+    from zk0lib.validate import Report, validate_cached
+
+    if cfg.data.validate == "off" or local.data.root is None:
+        return Report()
+    return validate_cached(cfg, local.data.name, local.data.root)
 
 
 @client_app.train()
@@ -735,31 +747,26 @@ def check_update(arrays: ArrayRecord, global_w: dict[str, torch.Tensor]) -> str 
 
 
 def check_compatible(infos: list[dict[str, Any]], cfg: ExperimentConfig) -> None:
-    """Clients must agree on state/action shapes and names, fps and (renamed) cameras."""
-    rename = cfg.data.rename_map
-    ref = infos[0]
-    problems = []
+    """Refuse clients whose datasets do not line up, or (unless data.allow_invalid) that report errors."""
+    from zk0lib.validate import compare_features
 
-    def sig(info: dict[str, Any]) -> dict[str, Any]:
-        feats = info["features"]
-        return {
-            "fps": info["fps"],
-            "state": (feats.get("observation.state", {}).get("shape"), feats.get("observation.state", {}).get("names")),
-            "action": (feats.get("action", {}).get("shape"), feats.get("action", {}).get("names")),
-            "cameras": sorted(rename.get(k, k) for k, v in feats.items() if v.get("dtype") in ("video", "image")),
-        }
-
-    base = sig(ref)
-    for info in infos[1:]:
-        other = sig(info)
-        for key, value in other.items():
-            if value != base[key]:
-                problems.append(f"{info['name']} {key} = {value} but {ref['name']} {key} = {base[key]}")
+    problems = [
+        f"{f.client}: {f.message} ({f.fix})"
+        for f in compare_features({i["name"]: i for i in infos}, cfg.data.rename_map).errors
+    ]
     if problems:
+        raise RuntimeError("clients' datasets do not line up:\n  - " + "\n  - ".join(problems))
+    invalid = [
+        f"{i['name']}: {i['validation-errors']} errors ({i['validation-summary']})"
+        for i in infos
+        if i.get("validation-errors", 0)
+    ]
+    if invalid and not cfg.data.allow_invalid:
         raise RuntimeError(
-            "clients' datasets do not line up:\n  - "
-            + "\n  - ".join(problems)
-            + "\nAlign camera names with data.rename_map, or leave the odd client out."
+            "clients' datasets failed validation:\n  - "
+            + "\n  - ".join(invalid)
+            + "\nRun `zk0 validate` on those machines; data.repair=true trains on repaired copies, "
+            "data.allow_invalid=true trains anyway."
         )
 
 
