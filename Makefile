@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zk0-installed
 export ZK0_HOME := $(CURDIR)
 
-.PHONY: install demo test lint format lab smoke clean help
+.PHONY: install demo test lint format lab app app-check smoke clean help
 
 help:
 	@echo "make demo     run the offline demo (federated SmolVLA on simulated labs, CPU)"
 	@echo "make test     run the test suite (offline, CPU)"
 	@echo "make install  create .venv with the pinned environment (done by demo/test when needed)"
 	@echo "make lab      JupyterLab on notebooks/ with the zk0 kernel"
+	@echo "make app      the marimo results app (http://127.0.0.1:2718)"
+	@echo "make app-check  load the app in headless Chromium, screenshot to reports/app-check.png"
 	@echo "make lint     ruff check and format check"
 	@echo "make smoke    zk0 train --preset smoke (2 clients x 2 rounds, ~1.5 min)"
 
@@ -33,7 +35,7 @@ smoke: install
 	$(BIN)/zk0 train --preset smoke
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q tests notebooks --nbmake
 
 lint: install
 	$(BIN)/ruff check .
@@ -45,6 +47,12 @@ format: install
 
 lab: install
 	$(BIN)/jupyter lab notebooks/
+
+app: install
+	$(BIN)/marimo run notebooks/results_app.py --host 127.0.0.1 --port 2718
+
+app-check: install
+	$(BIN)/zk0 app-check
 
 clean:
 	rm -rf reports data_cache/flwr

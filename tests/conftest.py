@@ -1,21 +1,12 @@
-"""Offline, CPU, real components at tiny scale; every test session gets its own zk0 and HF homes."""
+"""Fixtures: real components at tiny scale (the session's homes are set in the root conftest.py)."""
 
-import os
-import tempfile
 from pathlib import Path
 
-_SESSION_HOME = Path(tempfile.mkdtemp(prefix="zk0-tests-"))
-os.environ["ZK0_HOME"] = str(_SESSION_HOME)
-os.environ["HF_HOME"] = str(_SESSION_HOME / "hf")
-os.environ["HF_LEROBOT_HOME"] = str(_SESSION_HOME / "hf" / "lerobot")
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from zk0lib import data, env, model  # noqa: E402
-from zk0lib.config import load_config  # noqa: E402
+from zk0lib import data, env, model
+from zk0lib.config import load_config, zk0_home
 
 env.quiet()
 torch.set_num_threads(2)
@@ -23,7 +14,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def home() -> Path:
-    return _SESSION_HOME
+    return zk0_home()
 
 
 @pytest.fixture(scope="session")

@@ -160,6 +160,62 @@ def _print_decode_speed(report) -> None:
             )
 
 
+def cmd_workbook(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib.config import parse_overrides, zk0_home
+    from zk0lib.workbook import NOTEBOOKS, run_workbook
+
+    load_config(args.preset, list(args.set or []))  # refuse a bad config before starting any notebook
+    out = Path(args.out) if args.out else zk0_home() / "reports" / args.preset
+    chosen = tuple(n for n in NOTEBOOKS if not args.only or any(n.startswith(o) for o in args.only))
+    t0 = time.perf_counter()
+    result = run_workbook(
+        args.preset, out, parse_overrides(list(args.set or [])), chosen, progress=lambda line: print(line, flush=True)
+    )
+    print(f"\nworkbook done in {(time.perf_counter() - t0) / 60:.1f} min")
+    print(f"  executed notebooks: {result['out']}")
+    print(f"  run record:         {result['run']}")
+    print(f"  results table:      {Path(result['out']) / 'results' / 'runs.md'}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from zk0lib.config import parse_overrides
+    from zk0lib.workbook import sweep
+
+    record = sweep(
+        args.preset,
+        args.grid or [],
+        parse_overrides(list(args.set or [])),
+        args.sweep_id or "",
+        videos=args.videos,
+        progress=lambda line: print(line, flush=True),
+    )
+    failed = [p for p in record["points"] if p["status"] != "completed"]
+    print(f"\nsweep {record['sweep_id']}: {len(record['points']) - len(failed)} completed, {len(failed)} failed")
+    print(f"  {record['out']}/sweep.json, runs.md, 04_results_tables.ipynb")
+    return 1 if failed else 0
+
+
+def cmd_app_check(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib.config import zk0_home
+    from zk0lib.runs import list_runs
+    from zk0lib.workbook import check_app
+
+    runs_dir = Path(args.runs_dir) if args.runs_dir else zk0_home() / "reports" / "runs"
+    found = list_runs(runs_dir)
+    if not found:
+        print(f"zk0: no runs under {runs_dir}; run `zk0 train --preset smoke` first", file=sys.stderr)
+        return 1
+    shot = Path(args.screenshot) if args.screenshot else zk0_home() / "reports" / "app-check.png"
+    result = check_app(runs_dir, shot, expect=found[-1].run_id)
+    print(f"the results app listed {found[-1].run_id} in {result['seconds']:.0f} s; screenshot: {result['screenshot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zk0", description="Federated fine-tuning of SmolVLA with Flower")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +250,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="report name under reports/validation (default: the preset)")
     p.add_argument("--max-rows", type=int, default=40)
     p.set_defaults(func=cmd_validate)
+
+    p = with_config(sub.add_parser("workbook", help="run notebooks 01 -> 04 with papermill into one folder"))
+    p.add_argument("--out", help="folder for the executed notebooks and results (default: reports/<preset>)")
+    p.add_argument("--only", action="append", help="run only the notebooks starting with this (e.g. 01), repeatable")
+    p.set_defaults(func=cmd_workbook)
+
+    p = with_config(sub.add_parser("sweep", help="notebook 02 per grid point (papermill), then 04 over them"))
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="a config key and its values (repeatable)")
+    p.add_argument("--sweep-id", help="folder name under reports/sweeps")
+    p.add_argument("--videos", action="store_true", help="also run notebook 03 for every point")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("app-check", help="serve the marimo results app headless and load it in headless Chromium")
+    p.add_argument("--runs-dir", help="default: reports/runs")
+    p.add_argument("--screenshot", help="default: reports/app-check.png")
+    p.set_defaults(func=cmd_app_check)
 
     p = sub.add_parser("model-info", help="parameter counts and bytes per round of smolvla_base (built offline)")
     p.set_defaults(func=cmd_model_info)
