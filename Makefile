@@ -8,7 +8,7 @@ export ZK0_HOME := $(CURDIR)
 .PHONY: install demo test lint format lab app app-check smoke clean help
 
 help:
-	@echo "make demo     run the offline demo (federated SmolVLA on simulated labs, CPU)"
+	@echo "make demo     the offline demo: notebooks 01 -> 04 on the simulated labs into reports/demo (CPU)"
 	@echo "make test     run the test suite (offline, CPU)"
 	@echo "make install  create .venv with the pinned environment (done by demo/test when needed)"
 	@echo "make lab      JupyterLab on notebooks/ with the zk0 kernel"
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(BIN)/zk0 train --preset demo
+	$(BIN)/zk0 workbook --preset demo --out reports/demo
 
 smoke: install
 	$(BIN)/zk0 train --preset smoke

@@ -23,6 +23,7 @@ FLOWER_PROCESSES = (
     "gcs_server",
     "ray::",
     "dashboard",
+    "wandb-core",
 )
 
 
@@ -185,6 +186,8 @@ def test_fedadam_bf16_client_evaluation_from_a_pretrained_folder(smoke_run, home
         "eval.where=clients",
         "--set",
         "fl.num_rounds=1",
+        "--set",
+        "output.wandb=true",
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     run = RunRecord(home / "reports" / "runs" / "e2e-adam")
@@ -193,6 +196,8 @@ def test_fedadam_bf16_client_evaluation_from_a_pretrained_folder(smoke_run, home
     assert rounds[1]["bytes_received"] == 2 * trainable * 2
     assert rounds[1]["bytes_sent"] == 4 * trainable * 2  # train + evaluate messages, bf16
     assert set(rounds[1]["eval"]["clients"]) == {"synth-0", "synth-1"}
+    offline = list((run.path / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))  # one W&B run, written offline
     assert _alive_flower_processes(t0) == []
 
 
@@ -200,3 +205,23 @@ def test_bad_config_fails_before_anything_starts(home, zk0_cli):
     out = zk0_cli("train", "--preset", "smoke", "--run-id", "never", "--set", "fl.num_rounds=0")
     assert out.returncode == 2 and "fl.num_rounds must be >= 1" in out.stderr
     assert not (home / "reports" / "runs" / "never").exists()
+
+
+def test_wandb_round_metrics_are_client_prefixed():
+    from zk0lib.tracking import flatten_round
+
+    record = {
+        "round": 2,
+        "train": {"clients": {"a": {"train_loss": 1.0}}, "aggregate": {"train_loss": 1.0}},
+        "eval": {
+            "clients": {"a": {"loss": 0.5, "loss_ci": [0.4, 0.6]}},
+            "mean": {"loss": 0.5},
+            "extra": {"unseen": {"loss": 0.9}},
+        },
+        "bytes_sent": 10,
+        "failures": [],
+        "seconds": {"round": 3.0},
+    }
+    flat = flatten_round(record)
+    assert flat["train/a/train_loss"] == 1.0 and flat["eval/a/loss"] == 0.5 and flat["eval/unseen/loss"] == 0.9
+    assert flat["eval/mean/loss"] == 0.5 and flat["comms/bytes_sent"] == 10 and "eval/a/loss_ci" not in flat

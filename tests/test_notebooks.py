@@ -25,8 +25,10 @@ def test_committed_notebook_is_clean_and_parameterized(name):
 def test_grid_points():
     points = parse_grid(["fl.proximal_mu=0,0.01", "fl.strategy=fedavg,fedprox"])
     assert points == [
-        {"fl.proximal_mu": "0", "fl.strategy": "fedavg"}, {"fl.proximal_mu": "0", "fl.strategy": "fedprox"},
-        {"fl.proximal_mu": "0.01", "fl.strategy": "fedavg"}, {"fl.proximal_mu": "0.01", "fl.strategy": "fedprox"},
+        {"fl.proximal_mu": "0", "fl.strategy": "fedavg"},
+        {"fl.proximal_mu": "0", "fl.strategy": "fedprox"},
+        {"fl.proximal_mu": "0.01", "fl.strategy": "fedavg"},
+        {"fl.proximal_mu": "0.01", "fl.strategy": "fedprox"},
     ]
     assert point_id(points[3]) == "proximal_mu-0.01_strategy-fedprox"
     with pytest.raises(ValueError, match="expected key=v1,v2"):
@@ -42,8 +44,19 @@ def _summary_output(executed: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def sweep_dir(home, zk0_cli):
-    out = zk0_cli("sweep", "--preset", "smoke", "--sweep-id", "t2", "--grid", "fl.strategy=fedavg,fedprox",
-                  "--set", "fl.num_rounds=1", "--set", "train.local_steps=2")
+    out = zk0_cli(
+        "sweep",
+        "--preset",
+        "smoke",
+        "--sweep-id",
+        "t2",
+        "--grid",
+        "fl.strategy=fedavg,fedprox",
+        "--set",
+        "fl.num_rounds=1",
+        "--set",
+        "train.local_steps=2",
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return home / "reports" / "sweeps" / "t2"
 
@@ -60,7 +73,9 @@ def test_two_point_sweep_runs_papermill_and_tabulates(sweep_dir):
     # What the papermill-run notebook displays is what its run folder records.
     shown = _summary_output(sweep_dir / "00-strategy-fedavg" / "02_federated_training.ipynb")
     summary = json.loads((sweep_dir / "runs" / "00-strategy-fedavg" / "summary.json").read_text())
-    rounds = [json.loads(x) for x in (sweep_dir / "runs" / "00-strategy-fedavg" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [
+        json.loads(x) for x in (sweep_dir / "runs" / "00-strategy-fedavg" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert shown["strategy"] == "fedavg" and shown["rounds"] == "1/1" and shown["local_steps"] == 2
     assert shown["final_loss"] == pytest.approx(summary["final"]["loss"], rel=1e-12)
     assert shown["final_loss"] == pytest.approx(rounds[-1]["eval"]["mean"]["loss"], rel=1e-12)
@@ -92,3 +107,25 @@ def test_results_app_loads_in_headless_chromium(sweep_dir, home):
     result = check_app(sweep_dir / "runs", shot, expect="01-strategy-fedprox")
     assert result["title"] == "zk0 results"
     assert shot.stat().st_size > 10_000  # a real picture of the page
+
+
+def test_publish_dry_run_loads_with_lerobot_and_states_the_numbers(sweep_dir, zk0_cli, tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = sweep_dir / "runs" / "01-strategy-fedprox"
+    out = zk0_cli("publish", str(run_dir), "--repo-id", "someone/zk0-smoke", "--dry-run", "--out", str(tmp_path / "pub"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    card = (tmp_path / "pub" / "README.md").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert f"held-out loss {summary['final']['loss']:.4f}" in card
+    assert "fedprox (proximal mu 0.01)" in card and "license: apache-2.0" in card and "## How to load it" in card
+    assert (tmp_path / "pub" / "zk0_run" / "metrics.jsonl").exists()
+    load = ("from zk0lib.model import ensure_tiny_vlm; ensure_tiny_vlm();"
+            "from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy;"
+            f"p = SmolVLAPolicy.from_pretrained({str(tmp_path / 'pub')!r}); print(type(p).__name__)")
+    loaded = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and "SmolVLAPolicy" in loaded.stdout, loaded.stderr[-2000:]
+
+    offline = zk0_cli("publish", str(run_dir), "--repo-id", "someone/zk0-smoke", "--out", str(tmp_path / "pub2"))
+    assert offline.returncode == 1 and "HF_HUB_OFFLINE is set: not uploading" in offline.stderr

@@ -216,6 +216,28 @@ def cmd_app_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace) -> int:
+    from zk0lib.hub import PublishError, publish
+
+    try:
+        result = publish(
+            args.run_dir,
+            args.repo_id,
+            dry_run=args.dry_run,
+            checkpoint=args.checkpoint,
+            private=args.private,
+            out=args.out,
+        )
+    except PublishError as e:
+        print(f"zk0: {e}", file=sys.stderr)
+        return 1
+    if result["uploaded"]:
+        print(f"uploaded {result['folder']} -> {result['url']}")
+    else:
+        print(f"dry run: the folder to upload is {result['folder']} (README.md is the model card)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zk0", description="Federated fine-tuning of SmolVLA with Flower")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -266,6 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-dir", help="default: reports/runs")
     p.add_argument("--screenshot", help="default: reports/app-check.png")
     p.set_defaults(func=cmd_app_check)
+
+    p = sub.add_parser("publish", help="a run's policy + model card + metrics, uploaded to the Hub")
+    p.add_argument("run_dir")
+    p.add_argument("--repo-id", required=True, help="user/name on the Hugging Face Hub")
+    p.add_argument("--dry-run", action="store_true", help="only write the folder")
+    p.add_argument("--checkpoint", choices=("final", "best"), default="final")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--out", help="folder to write (default: <run>/publish/<repo>)")
+    p.set_defaults(func=cmd_publish)
 
     p = sub.add_parser("model-info", help="parameter counts and bytes per round of smolvla_base (built offline)")
     p.set_defaults(func=cmd_model_info)

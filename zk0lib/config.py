@@ -127,6 +127,9 @@ class OutputConfig:
     run_id: str = ""  # empty: <UTC time>-<preset>
     data_cache: str = "data_cache"
     save_checkpoints: bool = True
+    wandb: bool = False  # log every round to Weights & Biases too
+    wandb_project: str = "zk0"
+    wandb_mode: str = "offline"  # offline (sync later with `wandb sync`) or online
 
 
 @dataclass
@@ -521,6 +524,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     need(0 < d.validate_fraction <= 1, f"data.validate_fraction must be in (0, 1] (got {d.validate_fraction})")
     if e.where == "clients":
         need(f.fraction_evaluate > 0, "eval.where=clients needs fl.fraction_evaluate > 0")
+    need(
+        cfg.output.wandb_mode in ("offline", "online"),
+        f"output.wandb_mode: offline or online, got {cfg.output.wandb_mode!r}",
+    )
     run_id = cfg.output.run_id
     need(
         not run_id or (run_id.replace("-", "").replace("_", "").replace(".", "").isalnum()),

@@ -397,6 +397,11 @@ class FederatedServer:
         self.best: dict[str, Any] | None = None
         self.totals = {"bytes_sent": 0, "bytes_received": 0, "train_samples": 0, "train_steps": 0}
         self.t_start = time.perf_counter()
+        self.tracker = None
+        if cfg.output.wandb:
+            from zk0lib.tracking import WandbLogger
+
+            self.tracker = WandbLogger(cfg, run)
 
     # -- setup
     def wait_for_nodes(self) -> list[int]:
@@ -638,6 +643,8 @@ class FederatedServer:
             "checkpoint": time.perf_counter() - t_ckpt,
         }
         self.run.append_round(record)
+        if self.tracker is not None:
+            self.tracker.log_round(record)
         self._progress(server_round, record)
         self.run.update_summary(
             rounds_completed=server_round,
@@ -785,6 +792,8 @@ def server_main(grid: Grid, context: Context) -> None:
         server.run_rounds()
     except BaseException as e:
         run.fail(f"{type(e).__name__}: {e}")
+        if server.tracker is not None:
+            server.tracker.finish(run.summary())
         raise
     run.update_summary(
         status="completed",
@@ -795,6 +804,8 @@ def server_main(grid: Grid, context: Context) -> None:
         best=server.best,
         totals=server.totals,
     )
+    if server.tracker is not None:
+        server.tracker.finish(run.summary())
     server.log(f"run {run.run_id} completed: {run.path}")
 
 
