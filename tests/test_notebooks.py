@@ -114,16 +114,20 @@ def test_publish_dry_run_loads_with_lerobot_and_states_the_numbers(sweep_dir, zk
     import sys
 
     run_dir = sweep_dir / "runs" / "01-strategy-fedprox"
-    out = zk0_cli("publish", str(run_dir), "--repo-id", "someone/zk0-smoke", "--dry-run", "--out", str(tmp_path / "pub"))
+    out = zk0_cli(
+        "publish", str(run_dir), "--repo-id", "someone/zk0-smoke", "--dry-run", "--out", str(tmp_path / "pub")
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     card = (tmp_path / "pub" / "README.md").read_text()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert f"held-out loss {summary['final']['loss']:.4f}" in card
     assert "fedprox (proximal mu 0.01)" in card and "license: apache-2.0" in card and "## How to load it" in card
     assert (tmp_path / "pub" / "zk0_run" / "metrics.jsonl").exists()
-    load = ("from zk0lib.model import ensure_tiny_vlm; ensure_tiny_vlm();"
-            "from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy;"
-            f"p = SmolVLAPolicy.from_pretrained({str(tmp_path / 'pub')!r}); print(type(p).__name__)")
+    load = (
+        "from zk0lib.model import ensure_tiny_vlm; ensure_tiny_vlm();"
+        "from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy;"
+        f"p = SmolVLAPolicy.from_pretrained({str(tmp_path / 'pub')!r}); print(type(p).__name__)"
+    )
     loaded = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, timeout=300)
     assert loaded.returncode == 0 and "SmolVLAPolicy" in loaded.stdout, loaded.stderr[-2000:]
 

@@ -41,6 +41,21 @@ def config(
     return cfg
 
 
+def prepare_datasets(cfg: ExperimentConfig) -> None:
+    """Make every dataset of the config available (simulated labs are recorded on first use), saying so."""
+    from zk0lib.data import dataset_location
+
+    for spec in [*cfg.data.clients, *cfg.data.eval_only]:
+        t0 = time.perf_counter()
+
+        def report(done: int, total: int, name: str = spec.name) -> None:
+            if done % 5 == 0 or done == total:
+                print(f"recording {name}: {done}/{total} expert episodes", flush=True)
+
+        _, root = dataset_location(cfg, spec, report)
+        print(f"{spec.name}: {root} ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
 def output_dir(path: str, notebook: str, cfg: ExperimentConfig | None = None) -> Path:
     """Where a notebook writes what it shows: `path`, or reports/notebooks/<notebook>[-<preset>]."""
     if path:
