@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zk0-installed
 export ZK0_HOME := $(CURDIR)
 
-.PHONY: install demo test lint format lab app app-check smoke clean help
+.PHONY: install demo test lint format lab app app-check smoke compare bench deploy-local clean help
 
 help:
 	@echo "make demo     the offline demo: notebooks 01 -> 04 on the simulated labs into reports/demo (CPU)"
@@ -16,6 +16,9 @@ help:
 	@echo "make app-check  load the app in headless Chromium, screenshot to reports/app-check.png"
 	@echo "make lint     ruff check and format check"
 	@echo "make smoke    zk0 train --preset smoke (2 clients x 2 rounds, ~1.5 min)"
+	@echo "make compare  fedavg, fedprox, fedadam vs centralized and local-only on the demo (reports/compare)"
+	@echo "make bench    zk0 bench comms, overhead, dataloader, gpu-step (reports/bench)"
+	@echo "make deploy-local  the demo on Flower's Deployment Engine, TLS + SuperNode auth, on 127.0.0.1"
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "zk0 needs Python 3.12 ($(PYTHON) not found): install it (pyenv install 3.12, apt, conda) or run make PYTHON=/path/to/python3.12"; exit 1; }
@@ -53,6 +56,18 @@ app: install
 
 app-check: install
 	$(BIN)/zk0 app-check
+
+compare: install
+	$(BIN)/zk0 compare --preset demo --strategies fedavg,fedprox,fedadam --compare-id demo
+
+bench: install
+	$(BIN)/zk0 bench comms
+	$(BIN)/zk0 bench overhead --preset demo
+	$(BIN)/zk0 bench dataloader --preset demo
+	$(BIN)/zk0 bench gpu-step
+
+deploy-local: install
+	$(BIN)/zk0 deploy-local --preset demo
 
 clean:
 	rm -rf reports data_cache/flwr

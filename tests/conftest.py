@@ -64,3 +64,13 @@ def _run_cli(*args: str, timeout: int = 900):
 def zk0_cli():
     """Run `zk0 ...` in a fresh process, as a user would."""
     return _run_cli
+
+
+@pytest.fixture(scope="session")
+def smoke_run(home, zk0_cli):
+    """`zk0 train --preset smoke` once per session: (completed process, seconds, start time)."""
+    import time
+
+    t0 = time.time()
+    out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-smoke")
+    return out, time.time() - t0, t0

@@ -116,13 +116,6 @@ def _alive_flower_processes(since: float) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def smoke_run(home, zk0_cli):
-    t0 = time.time()
-    out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-smoke")
-    return out, time.time() - t0, t0
-
-
 def test_smoke_train_completes_with_complete_records(smoke_run, home):
     out, seconds, _ = smoke_run
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
@@ -199,6 +192,13 @@ def test_fedadam_bf16_client_evaluation_from_a_pretrained_folder(smoke_run, home
     offline = list((run.path / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))  # one W&B run, written offline
     assert _alive_flower_processes(t0) == []
+
+    bench = zk0_cli("bench", "comms", "--run", str(run.path))  # the model rebuilt on its own, not from the record
+    assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-4000:]
+    result = json.loads((home / "reports" / "bench" / "comms.json").read_text())
+    assert result["run"]["matches"] and result["run"]["upload_bytes_per_client_round"] == [trainable * 2]
+    assert result["smolvla_base"]["trainable_bf16_share_of_full"] <= 0.12
+    assert "-> match" in bench.stdout
 
 
 def test_bad_config_fails_before_anything_starts(home, zk0_cli):

@@ -166,6 +166,6 @@ def test_undecodable_batches_are_skipped_and_counted(fresh_bundle, smoke_cfg, co
     cfg.train.max_skipped_fraction = 0.0
     with pytest.raises(
         RuntimeError,
-        match=r"client corrupt: 1 of \d+ batches could not be read in round 1.*decodeAVFrame.*zk0 validate",
+        match=r"client corrupt in round 1: 1 of \d+ batches could not be read.*decodeAVFrame.*zk0 validate",
     ):
         train.train_round(fresh_bundle, dataset, cfg, 1, 0, mu=0.0, client_name="corrupt")

@@ -18,10 +18,16 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from zk0lib.simulation import run_federated
+    from zk0lib.simulation import resume_federated, run_federated
 
-    cfg = _config(args)
     t0 = time.perf_counter()
+    if args.resume:
+        if args.set or args.run_id:
+            raise ConfigError("--resume continues a run with its own config: leave out --set and --run-id")
+        result = resume_federated(args.resume, progress=lambda line: print(f"  {line}", flush=True))
+        print(f"done in {time.perf_counter() - t0:.0f}s; run directory: {result.path}")
+        return 0
+    cfg = _config(args)
     print(
         f"zk0 train: preset {cfg.preset}, {len(cfg.data.clients)} clients, {cfg.fl.strategy}, "
         f"{cfg.fl.num_rounds} rounds x {cfg.train.local_steps} steps",
@@ -34,6 +40,90 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"action MAE {final.get('action_mae', float('nan')):.3f}"
     )
     print(f"run directory: {result.path}")
+    return 0
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from zk0lib.baselines import budget, run_baseline
+
+    cfg = _config(args)
+    b = budget(cfg)
+    print(f"zk0 baseline {args.kind}: preset {cfg.preset}, {b['total_samples']} samples ({b['total_steps']} steps)")
+    t0 = time.perf_counter()
+    result = run_baseline(args.kind, cfg, progress=lambda line: print(f"  {line}", flush=True))
+    final = result.summary.get("final") or {}
+    print(
+        f"done in {time.perf_counter() - t0:.0f}s: eval loss {final.get('loss', float('nan')):.4f}, "
+        f"action MAE {final.get('action_mae', float('nan')):.3f}"
+    )
+    print(f"run directory: {result.path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib.compare import compare, table_markdown
+
+    t0 = time.perf_counter()
+    record = compare(
+        args.preset,
+        [s.strip() for s in args.strategies.split(",") if s.strip()],
+        [b.strip() for b in args.baselines.split(",") if b.strip()],
+        args.seeds,
+        list(args.set or []),
+        args.compare_id or "",
+        progress=lambda line: print(line, flush=True),
+    )
+    import pandas as pd
+
+    print()
+    print(table_markdown(pd.DataFrame(record["table"])))
+    failed = [r for r in record["runs"] if r["status"] != "completed"]
+    print(f"\n{len(record['runs'])} runs in {(time.perf_counter() - t0) / 60:.1f} min, {len(failed)} failed")
+    print(f"  {Path(record['out']) / 'table.md'}, compare.json, runs/")
+    return 1 if failed else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from zk0lib import bench
+
+    name = args.bench_command
+    if name == "comms":
+        result = bench.bench_comms(args.run)
+        text = bench.comms_markdown(result)
+    elif name == "overhead":
+        result = bench.bench_overhead(args.preset, list(args.set or []), progress=lambda x: print(f"  {x}", flush=True))
+        text = bench.overhead_markdown(result)
+    elif name == "dataloader":
+        result = bench.bench_dataloader(args.preset, list(args.set or []), args.batches)
+        text = bench.dataloader_markdown(result)
+    else:
+        sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+        result = bench.bench_gpu_step(sizes, args.steps)
+        text = bench.gpu_step_markdown(result)
+    path = bench.save(name, result)
+    print(text)
+    print(f"\n{path}")
+    return 1 if name == "comms" and result.get("run") and not result["run"]["matches"] else 0
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    from zk0lib.deploy import check_refusals, deploy_local
+
+    cfg = _config(args)
+    t0 = time.perf_counter()
+    if args.check_refusals:
+        outcome = check_refusals(cfg)
+        print(json.dumps(outcome, indent=2))
+        joined = [n for n in outcome["superlink_nodes"] if str(n.get("status", "")).lower() == "online"]
+        return 1 if joined else 0
+    result = deploy_local(cfg, progress=lambda line: print(f"  {line}", flush=True))
+    final = result.summary.get("final") or {}
+    print(
+        f"done in {time.perf_counter() - t0:.0f}s over TLS with authenticated SuperNodes: "
+        f"eval loss {final.get('loss', float('nan')):.4f}; run directory: {result.path}"
+    )
     return 0
 
 
@@ -254,7 +344,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("train", help="run a federated fine-tuning (Flower simulation)"))
     p.add_argument("--run-id", help="name of the run folder under output.runs_dir (default: time-preset-xxxx)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run after its last complete round")
     p.set_defaults(func=cmd_train)
+
+    p = with_config(sub.add_parser("baseline", help="a centralized or local-only run on the federated budget"))
+    p.add_argument("kind", choices=("centralized", "local-only"))
+    p.add_argument("--run-id", help="name of the run folder under output.runs_dir")
+    p.set_defaults(func=cmd_baseline)
+
+    p = with_config(sub.add_parser("compare", help="federated strategies vs centralized and local-only, same seeds"))
+    p.add_argument("--strategies", default="fedavg,fedprox,fedadam", help="comma-separated (default: %(default)s)")
+    p.add_argument("--baselines", default="centralized,local-only", help="comma-separated; empty for none")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per row: seed, seed+1, ... (default: 1)")
+    p.add_argument("--compare-id", help="folder name under reports/compare")
+    p.set_defaults(func=cmd_compare)
+
+    bench = sub.add_parser("bench", help="measure zk0's costs (results in reports/bench/)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser("comms", help="bytes per client per round: smolvla_base, the tiny model, a real run")
+    p.add_argument("--run", help="a federated run folder (default: the latest completed one)")
+    p.set_defaults(func=cmd_bench)
+    p = with_config(bench_sub.add_parser("overhead", help="federated vs centralized samples/s, federated time split"))
+    p.set_defaults(func=cmd_bench)
+    p = with_config(bench_sub.add_parser("dataloader", help="decoded samples/s vs samples/s training consumes"))
+    p.add_argument("--batches", type=int, default=30)
+    p.set_defaults(func=cmd_bench)
+    p = bench_sub.add_parser("gpu-step", help="smolvla_base-sized bf16 training step (CUDA; skipped without)")
+    p.add_argument("--batch-sizes", default="8,32,64")
+    p.add_argument("--steps", type=int, default=10)
+    p.set_defaults(func=cmd_bench)
+
+    p = with_config(
+        sub.add_parser(
+            "deploy-local", help="run on Flower's Deployment Engine on 127.0.0.1 with TLS and SuperNode auth"
+        )
+    )
+    p.add_argument("--run-id", help="name of the run folder under output.runs_dir")
+    p.add_argument(
+        "--check-refusals", action="store_true", help="show that unauthorized and plaintext nodes are refused"
+    )
+    p.set_defaults(func=cmd_deploy_local)
 
     p = with_config(sub.add_parser("config", help="print the resolved config"))
     p.add_argument("--flat", action="store_true", help="one dotted key per line")

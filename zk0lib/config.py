@@ -21,6 +21,8 @@ TRANSPORT_DTYPES = ("float32", "bfloat16")
 SOURCES = ("hub", "local", "synthetic", "sim")
 EVAL_WHERE = ("server", "clients")
 TINY = "tiny"
+FAULT_MODES = ("raise", "exit", "hang", "nan", "shape")
+FAULTS_ENV = "ZK0_ENABLE_FAULT_INJECTION"
 
 
 class ConfigError(ValueError):
@@ -102,6 +104,8 @@ class FLConfig:
     server_beta2: float = 0.99
     server_tau: float = 1e-3
     round_timeout_s: float = 3600.0
+    max_update_norm: float = 1000.0  # L2 norm of (client - global) trainable weights above which an update is rejected
+    inject_failure: str = ""  # tests only (ZK0_ENABLE_FAULT_INJECTION=1): MODE:CLIENT@ROUND,... MODE in FAULT_MODES
     client_num_cpus: int = 2  # simulation resources per client
     client_num_gpus: float = 0.0
 
@@ -501,6 +505,20 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     need(0 <= f.server_beta1 < 1 and 0 <= f.server_beta2 < 1, "fl.server_beta1/fl.server_beta2 must be in [0, 1)")
     need(f.server_tau > 0, f"fl.server_tau must be > 0 (got {f.server_tau})")
     need(f.round_timeout_s > 0, f"fl.round_timeout_s must be > 0 (got {f.round_timeout_s})")
+    need(f.max_update_norm > 0, f"fl.max_update_norm must be > 0 (got {f.max_update_norm})")
+    if f.inject_failure:
+        try:
+            faults = parse_faults(f.inject_failure)
+            need(
+                all(pid < n and rnd <= f.num_rounds for _, pid, rnd in faults),
+                f"fl.inject_failure: client or round out of range in {f.inject_failure!r}",
+            )
+        except ValueError as problem:
+            errors.append(str(problem))
+        need(
+            os.environ.get(FAULTS_ENV) == "1",
+            f"fl.inject_failure makes clients fail on purpose and is for tests only: set {FAULTS_ENV}=1 to allow it",
+        )
     need(f.client_num_cpus >= 1, f"fl.client_num_cpus must be >= 1 (got {f.client_num_cpus})")
     need(f.client_num_gpus >= 0, f"fl.client_num_gpus must be >= 0 (got {f.client_num_gpus})")
     need(e.every >= 1, f"eval.every must be >= 1 (got {e.every})")
@@ -536,6 +554,21 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return cfg
+
+
+def parse_faults(text: str) -> list[tuple[str, int, int]]:
+    """'raise:1@2,nan:0@1' -> [("raise", 1, 2), ("nan", 0, 1)]: (mode, client index, round)."""
+    out = []
+    for item in text.split(","):
+        mode, _, rest = item.strip().partition(":")
+        pid, _, rnd = rest.partition("@")
+        if mode not in FAULT_MODES or not pid.isdigit() or not rnd.isdigit():
+            raise ValueError(
+                f"fl.inject_failure: {item!r} is not MODE:CLIENT@ROUND (MODE one of {', '.join(FAULT_MODES)}), "
+                "e.g. raise:1@2"
+            )
+        out.append((mode, int(pid), int(rnd)))
+    return out
 
 
 def _check_source(c: ClientConfig, key: str, need: Any) -> None:

@@ -171,22 +171,57 @@ def _one_thread_worker(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def batch_stream(dataset: Any, batch_size: int, num_workers: int, seed: int):
-    """Endless shuffled batches, reproducible from `seed`; each pass over the data reshuffles."""
-    epoch = 0
-    wrapped = SkipUndecodable(dataset)
-    while True:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        loader = torch.utils.data.DataLoader(
+class _SeededPermutation(torch.utils.data.Sampler):
+    """Each pass a permutation fixed by `seed` (the same order RandomSampler draws from that seed)."""
+
+    def __init__(self, n: int):
+        self.n, self.seed = n, 0
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        torch.empty((), dtype=torch.int64).random_(generator=g)  # the draw a seeded DataLoader makes first
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class BatchStream:
+    """Endless shuffled batches of one dataset, reproducible from a seed, through one DataLoader whose
+    worker processes live as long as the stream: a client keeps its stream across rounds, so a round
+    starts without spawning workers or reopening videos."""
+
+    def __init__(self, dataset: Any, batch_size: int, num_workers: int):
+        wrapped = SkipUndecodable(dataset)
+        self.sampler = _SeededPermutation(len(wrapped))
+        self.loader = torch.utils.data.DataLoader(
             wrapped,
             batch_size=min(batch_size, len(wrapped)),
-            shuffle=True,
-            generator=generator,
+            sampler=self.sampler,
             num_workers=num_workers,
             collate_fn=collate_or_skip,
             drop_last=True,
             worker_init_fn=_one_thread_worker if num_workers else None,
-            persistent_workers=False,
+            persistent_workers=num_workers > 0,
+            generator=torch.Generator(),  # never draw from the global RNG (the policy's noise comes from it)
         )
-        yield from loader
-        epoch += 1
+        self._current = None
+
+    def batches(self, seed: int):
+        """A fresh endless iterator; the previous one stops (its prefetched batches are dropped)."""
+        if self._current is not None:
+            self._current.close()
+        self._current = self._passes(seed)
+        return self._current
+
+    def _passes(self, seed: int):
+        epoch = 0
+        while True:
+            self.sampler.seed = seed * 1_000_003 + epoch
+            yield from self.loader
+            epoch += 1
+
+
+def batch_stream(dataset: Any, batch_size: int, num_workers: int, seed: int):
+    """Endless shuffled batches, reproducible from `seed`; each pass over the data reshuffles."""
+    return BatchStream(dataset, batch_size, num_workers).batches(seed)

@@ -12,6 +12,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
+import os
+import re
+import resource
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -26,8 +30,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 
 from zk0lib import data, env, model, train
-from zk0lib.config import ExperimentConfig, load_config, validate
-from zk0lib.runs import RunRecord, utc_now
+from zk0lib.config import ExperimentConfig, load_config, parse_faults, validate
+from zk0lib.evaluation import HeldOutSets, RoundBook, closed_loop, eval_due, rollout_due
+from zk0lib.runs import RunRecord, load_resume_state, save_resume_state, utc_now
 
 RAW = "zk0.raw"  # stype of an array holding the parameter itself
 RAW_DELTA = "zk0.raw-delta"  # stype of an array holding (local - global)
@@ -174,12 +179,18 @@ class _Local:
         self.data = data.open_client(cfg, pid)
         self.train_set = None
         self.heldout_set = None
+        self.stream: data.BatchStream | None = None
 
     def datasets(self, policy_config: Any, video_backend: str | None) -> tuple[Any, Any]:
         if self.train_set is None:
             self.train_set = data.open_dataset(self.data, self.data.train_episodes, policy_config, video_backend)
             self.heldout_set = data.open_dataset(self.data, self.data.heldout_episodes, policy_config, video_backend)
         return self.train_set, self.heldout_set
+
+    def train_stream(self, cfg: ExperimentConfig) -> data.BatchStream:
+        if self.stream is None:
+            self.stream = data.BatchStream(self.train_set, cfg.train.batch_size, cfg.train.num_workers)
+        return self.stream
 
 
 def _local(cfg: ExperimentConfig, pid: int) -> _Local:
@@ -243,22 +254,45 @@ def _validate_local(cfg: ExperimentConfig, local: _Local) -> Any:
 
 @client_app.train()
 def client_train(msg: Message, context: Context) -> Message:
+    t0 = time.perf_counter()
     cfg = _client_config(context)
     pid = partition_of(context, cfg)
     local = _local(cfg, pid)
     conf = msg.content["config"]
     bundle = _client_bundle(cfg, local, msg)
-    train_set, _ = local.datasets(bundle.config, cfg.data.video_backend)
+    local.datasets(bundle.config, cfg.data.video_backend)
+    t_decode = time.perf_counter()
     received = decode_arrays(msg.content["arrays"])
     model.set_trainable(bundle.policy, received)
+    t_train = time.perf_counter()
     metrics = train.train_round(
-        bundle, train_set, cfg, int(conf["server-round"]), pid, float(conf.get("proximal-mu", 0.0)), local.data.name
+        bundle,
+        local.train_stream(cfg),
+        cfg,
+        int(conf["server-round"]),
+        pid,
+        float(conf.get("proximal-mu", 0.0)),
+        local.data.name,
     )
+    fault = injected_fault(cfg, pid, int(conf["server-round"]))
+    t_encode = time.perf_counter()
     dtype = cfg.fl.transport_dtype
     arrays = encode_arrays(
         model.get_trainable(bundle.policy), dtype, reference=received if dtype != "float32" else None
     )
-    metrics |= {"num-examples": metrics["samples"], "partition-id": pid, "payload-bytes": payload_bytes(arrays)}
+    if fault in ("nan", "shape"):
+        arrays = _corrupt(arrays, fault)
+    now = time.perf_counter()
+    metrics |= {
+        "num-examples": metrics["samples"],
+        "partition-id": pid,
+        "payload-bytes": payload_bytes(arrays),
+        "setup_seconds": t_decode - t0,  # config, datasets and the policy (built in the first round only)
+        "serialize_seconds": (t_train - t_decode) + (now - t_encode),
+        "handler_seconds": now - t0,
+        "rss_mib": psutil.Process().memory_info().rss / 2**20,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -272,6 +306,42 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     model.set_trainable(bundle.policy, decode_arrays(msg.content["arrays"]))
     result = train.evaluate(bundle, heldout, cfg)
     return Message(RecordDict({"metrics": MetricRecord(eval_to_metrics(result, pid))}), reply_to=msg)
+
+
+def injected_fault(cfg: ExperimentConfig, pid: int, server_round: int) -> str | None:
+    """Carry out fl.inject_failure for this client and round (tests only; validate() guards it).
+
+    raise: the client raises; exit: its process dies; hang: it answers after fl.round_timeout_s;
+    nan / shape: it returns a poisoned update (returned, for the caller to apply)."""
+    if not cfg.fl.inject_failure:
+        return None
+    modes = [m for m, p, r in parse_faults(cfg.fl.inject_failure) if p == pid and r == server_round]
+    if not modes:
+        return None
+    mode = modes[0]
+    if mode == "raise":
+        raise RuntimeError(f"injected failure: client {pid} raises in round {server_round} (fl.inject_failure)")
+    if mode == "exit":
+        os._exit(17)
+    if mode == "hang":
+        time.sleep(cfg.fl.round_timeout_s + 5)
+    return mode
+
+
+def _corrupt(arrays: ArrayRecord, mode: str) -> ArrayRecord:
+    """A poisoned copy of an update: NaN in its first tensor, or its first tensor with one row too many."""
+    out = OrderedDict(arrays.items())
+    name, first = next(iter(out.items()))
+    value = torch.frombuffer(bytearray(first.data), dtype=_TORCH_DTYPES[first.dtype]).reshape(tuple(first.shape))
+    if mode == "nan":
+        value = value.clone()
+        value.view(-1)[0] = float("nan")
+    else:
+        value = torch.cat([value, value[:1]]) if value.dim() else value.reshape(1).repeat(2)
+    out[name] = Array(
+        dtype=first.dtype, shape=tuple(value.shape), stype=first.stype, data=value.view(torch.uint8).numpy().tobytes()
+    )
+    return ArrayRecord(out)
 
 
 def eval_to_metrics(result: dict[str, Any], pid: int) -> dict[str, Any]:
@@ -325,12 +395,15 @@ class _Zk0Mixin:
         messages = list(messages)
         if not messages:
             return messages
+        t0 = time.perf_counter()
         global_w = decode_arrays(arrays)
         encoded = encode_arrays(global_w, self.zk0.cfg.fl.transport_dtype)
+        self.zk0.round_state[f"{phase}_serialize_seconds"] = time.perf_counter() - t0
         for m in messages:
             m.content["arrays"] = encoded
             m.content["norm_stats"] = self.zk0.stats_record
         self.zk0.round_state["global"] = global_w
+        self.zk0.round_state[f"{phase}_nodes"] = [m.metadata.dst_node_id for m in messages]
         self.zk0.round_state[f"{phase}_bytes_sent"] = payload_bytes(encoded) * len(messages)
         return messages
 
@@ -390,18 +463,11 @@ def make_strategy(cfg: ExperimentConfig, server: FederatedServer) -> Any:
 class FederatedServer:
     """Everything the ServerApp does around the strategy: describe clients, evaluate, record, checkpoint."""
 
-    def __init__(self, cfg: ExperimentConfig, run: RunRecord, grid: Grid):
-        self.cfg, self.run, self.grid = cfg, run, grid
+    def __init__(self, cfg: ExperimentConfig, run: RunRecord, grid: Grid, resume: bool = False):
+        self.cfg, self.run, self.grid, self.resume = cfg, run, grid, resume
         self.names: dict[int, str] = {}  # node id -> client name
         self.round_state: dict[str, Any] = {}
-        self.best: dict[str, Any] | None = None
-        self.totals = {"bytes_sent": 0, "bytes_received": 0, "train_samples": 0, "train_steps": 0}
-        self.t_start = time.perf_counter()
-        self.tracker = None
-        if cfg.output.wandb:
-            from zk0lib.tracking import WandbLogger
-
-            self.tracker = WandbLogger(cfg, run)
+        self.book = RoundBook(cfg, run)
 
     # -- setup
     def wait_for_nodes(self) -> list[int]:
@@ -492,52 +558,68 @@ class FederatedServer:
             },
         )
         t = time.perf_counter()
-        self.eval_sets = self._server_eval_sets() if cfg.eval.where == "server" else {}
-        self.extra_sets = {
-            spec.name: self._open_heldout(data.open_eval_only(cfg, i)) for i, spec in enumerate(cfg.data.eval_only)
-        }
+        self.heldout = HeldOutSets(cfg, self.bundle.config, clients=cfg.eval.where == "server")
         started["open_eval_sets"] = time.perf_counter() - t
         self.run.update_summary(startup_seconds=started)
         shared = {"frozen-fingerprint": model.frozen_fingerprint(self.bundle.policy), "num-rounds": cfg.fl.num_rounds}
         strategy = make_strategy(cfg, self)
-        initial = to_numpy_record(model.get_trainable(self.bundle.policy))
-        self.log(
+        arrays = to_numpy_record(model.get_trainable(self.bundle.policy))
+        first = 1
+        if self.resume:
+            first, arrays = self.restore(strategy)
+        self.book.log(
             f"{len(infos)} clients, {counts['trainable']:,} trainable of {counts['total']:,} parameters, "
             f"strategy {cfg.fl.strategy}, {cfg.fl.num_rounds} rounds x {cfg.train.local_steps} local steps"
+            + (f", resumed after round {first - 1}" if first > 1 else "")
         )
-        strategy.start(
-            grid=self.grid,
-            initial_arrays=initial,
-            num_rounds=cfg.fl.num_rounds,
-            timeout=cfg.fl.round_timeout_s,
-            train_config=ConfigRecord({**shared, "proximal-mu": cfg.fl.proximal_mu}),
-            evaluate_config=ConfigRecord(shared),
-            evaluate_fn=self.end_of_round,
+        train_config = ConfigRecord({**shared, "proximal-mu": cfg.fl.proximal_mu})
+        evaluate_config = ConfigRecord(shared)
+        if first == 1:
+            self.end_of_round(0, arrays)
+        for server_round in range(first, cfg.fl.num_rounds + 1):
+            arrays = self.one_round(strategy, server_round, arrays, train_config, evaluate_config)
+
+    def one_round(
+        self,
+        strategy: Any,
+        server_round: int,
+        arrays: ArrayRecord,
+        train_config: ConfigRecord,
+        eval_config: ConfigRecord,
+    ) -> ArrayRecord:
+        """Train, aggregate, evaluate and record one round (the loop of Flower's Strategy.start), then save
+        what a resumed run needs to continue after it."""
+        timeout = self.cfg.fl.round_timeout_s
+        replies = self.grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, train_config, self.grid), timeout=timeout
         )
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        arrays = aggregated if aggregated is not None else arrays
+        messages = strategy.configure_evaluate(server_round, arrays, eval_config, self.grid)
+        if messages:
+            strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(messages, timeout=timeout))
+        self.end_of_round(server_round, arrays)
+        t = time.perf_counter()
+        save_resume_state(self.run, server_round, arrays, strategy_state(strategy), self.book)
+        self.run.update_summary(resume_checkpoint_seconds=time.perf_counter() - t)
+        return arrays
 
-    def _server_eval_sets(self) -> dict[str, Any]:
-        sets = {}
-        for i, client in enumerate(self.cfg.data.clients):
-            try:
-                local = data.open_client(self.cfg, i)
-            except data.DatasetNotAvailableError as e:
-                raise RuntimeError(
-                    f"eval.where=server but the server cannot read client {client.name!r}'s dataset; "
-                    f"use eval.where=clients when the data stays on the clients.\n{e}"
-                ) from e
-            sets[client.name] = self._open_heldout(local)
-        return sets
-
-    def _open_heldout(self, local: data.ClientData) -> Any:
-        return data.open_dataset(local, local.heldout_episodes, self.bundle.config, self.cfg.data.video_backend)
+    def restore(self, strategy: Any) -> tuple[int, ArrayRecord]:
+        """The round to start from and the global weights, with the strategy's and the book's state."""
+        state = load_resume_state(self.run)
+        if state is None:
+            raise RuntimeError(f"run {self.run.run_id} has no resumable round (checkpoints/resume is missing)")
+        for name, values in state["strategy"].items():
+            setattr(strategy, name, values)
+        self.book.restore(state["book"])
+        return state["round"] + 1, to_numpy_record({k: torch.from_numpy(v) for k, v in state["arrays"].items()})
 
     # -- per round
     def start_round(self, server_round: int) -> None:
         self.round_state = {"t0": time.perf_counter(), "train": {}, "failures": [], "client_evals": {}}
 
     def eval_due(self, server_round: int) -> bool:
-        every, last = self.cfg.eval.every, self.cfg.fl.num_rounds
-        return server_round == 0 or server_round % every == 0 or server_round == last
+        return eval_due(self.cfg, server_round)
 
     def accept_train_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Decode, check and order the replies; errors and malformed updates are recorded and left out."""
@@ -545,18 +627,15 @@ class FederatedServer:
         global_w = st["global"]
         accepted = []
         received = 0
+        t_decode = time.perf_counter()
         for reply in replies:
             name = self.names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
             if reply.has_error():
-                st["failures"].append({"client": name, "round": server_round, "reason": reply.error.reason})
+                st["failures"].append({"client": name, "round": server_round, **failure_reason(reply.error.reason)})
                 continue
             arrays = reply.content["arrays"]
             received += payload_bytes(arrays)
-            problem = check_update(arrays, global_w)
-            if problem is None:
-                weights = decode_arrays(arrays, reference=global_w)
-                if not all(torch.isfinite(w).all() for w in weights.values()):
-                    problem = "update has NaN or Inf values"
+            weights, problem = screen_update(arrays, global_w, self.cfg.fl.max_update_norm)
             if problem is not None:
                 st["failures"].append({"client": name, "round": server_round, "reason": f"rejected: {problem}"})
                 continue
@@ -564,7 +643,14 @@ class FederatedServer:
             metrics = dict(reply.content["metrics"])
             st["train"][name] = {k: v for k, v in metrics.items() if k != "num-examples"}
             accepted.append(reply)
+        replied = {r.metadata.src_node_id for r in replies}
+        for node in st.get("train_nodes", []):
+            if node not in replied:
+                name = self.names.get(node, f"node-{node}")
+                reason = f"no reply within fl.round_timeout_s={self.cfg.fl.round_timeout_s:g}"
+                st["failures"].append({"client": name, "round": server_round, "reason": reason})
         st["bytes_received"] = received
+        st["decode_seconds"] = time.perf_counter() - t_decode
         need = self.cfg.fl.min_train_clients or len(self.cfg.data.clients)
         if len(accepted) < need:
             reasons = "; ".join(f"{f['client']}: {f['reason']}" for f in st["failures"]) or "no replies"
@@ -581,14 +667,14 @@ class FederatedServer:
             name = self.names.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
             if reply.has_error():
                 self.round_state["failures"].append(
-                    {"client": name, "round": server_round, "phase": "evaluate", "reason": reply.error.reason}
+                    {"client": name, "round": server_round, "phase": "evaluate", **failure_reason(reply.error.reason)}
                 )
             else:
                 self.round_state["client_evals"][name] = eval_from_metrics(dict(reply.content["metrics"]))
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower calls this after every round (and before round 1): evaluate, record, checkpoint."""
-        cfg, st = self.cfg, self.round_state
+        cfg, st, book = self.cfg, self.round_state, self.book
         if server_round == 0:
             self.start_round(0)
         t_eval = time.perf_counter()
@@ -596,141 +682,44 @@ class FederatedServer:
         evals: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         if self.eval_due(server_round):
-            if cfg.eval.where == "server":
-                evals = {name: train.evaluate(self.bundle, ds, cfg) for name, ds in self.eval_sets.items()}
-            else:
+            evals, extra = self.heldout.evaluate(self.bundle)
+            if cfg.eval.where == "clients":
                 evals = st.get("client_evals", {})
-            extra = {name: train.evaluate(self.bundle, ds, cfg) for name, ds in self.extra_sets.items()}
         eval_seconds = time.perf_counter() - t_eval
         mean = train.combine_clients(evals, cfg) if evals else {}
         record: dict[str, Any] = {"round": server_round, "time": utc_now()}
         if server_round > 0:
-            clients = st.get("train", {})
-            samples = sum(m.get("samples", 0) for m in clients.values()) or 1
-            keys = sorted({k for m in clients.values() for k in m if k not in ("partition-id",)})
-            record["train"] = {
-                "clients": clients,
-                "aggregate": {
-                    k: sum(m[k] * m.get("samples", 0) for m in clients.values() if k in m) / samples for k in keys
-                },
-            }
-            sent = st.get("train_bytes_sent", 0) + st.get("evaluate_bytes_sent", 0)
+            record = book.train_record(server_round, st.get("train", {}))
             record |= {
-                "bytes_sent": sent,
+                "bytes_sent": st.get("train_bytes_sent", 0) + st.get("evaluate_bytes_sent", 0),
                 "bytes_received": st.get("bytes_received", 0),
                 "failures": st.get("failures", []),
-                "num_train_clients": len(clients),
             }
-            self.totals["bytes_sent"] += sent
-            self.totals["bytes_received"] += st.get("bytes_received", 0)
-            self.totals["train_samples"] += sum(m.get("samples", 0) for m in clients.values())
-            self.totals["train_steps"] += sum(m.get("steps", 0) for m in clients.values())
         if evals:
             record["eval"] = {"clients": evals, "mean": mean}
         if extra:
             record.setdefault("eval", {})["extra"] = extra
         t_rollout = time.perf_counter()
-        if self.rollout_due(server_round):
-            record["rollout"] = self.closed_loop(server_round)
+        if rollout_due(cfg, server_round):
+            videos = self.run.path / "videos" / f"round{server_round:03d}" if cfg.eval.rollout_videos else None
+            record["rollout"] = closed_loop(cfg, self.bundle, videos)
         rollout_seconds = time.perf_counter() - t_rollout
         t_ckpt = time.perf_counter()
-        self._checkpoint(server_round, mean)
+        book.checkpoint(server_round, mean, self.bundle)
         record["seconds"] = {
             "round": time.perf_counter() - st.get("t0", t_eval),
             "train": st.get("train_seconds"),
+            "server_serialize": st.get("train_serialize_seconds", 0.0) + st.get("decode_seconds", 0.0),
             "evaluate": eval_seconds,
             "rollout": rollout_seconds,
             "checkpoint": time.perf_counter() - t_ckpt,
         }
-        self.run.append_round(record)
-        if self.tracker is not None:
-            self.tracker.log_round(record)
-        self._progress(server_round, record)
-        self.run.update_summary(
-            rounds_completed=server_round,
-            best=self.best,
-            totals=self.totals,
-            wall_seconds=time.perf_counter() - self.t_start,
-        )
+        record["memory"] = {
+            "server_rss_mib": psutil.Process().memory_info().rss / 2**20,
+            "server_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        }
+        book.commit(record)
         return MetricRecord({k: v for k, v in mean.items() if isinstance(v, float)})
-
-    def rollout_due(self, server_round: int) -> bool:
-        e, last = self.cfg.eval, self.cfg.fl.num_rounds
-        if not e.rollout_episodes or server_round == 0:
-            return False
-        return server_round == last or bool(e.rollout_every and server_round % e.rollout_every == 0)
-
-    def closed_loop(self, server_round: int) -> dict[str, Any]:
-        """The global model in every simulated lab (clients' and evaluation-only): success and stages."""
-        from zk0lib.sim.rollout import rollout, wilson_interval
-
-        cfg, e = self.cfg, self.cfg.eval
-        videos = self.run.path / "videos" / f"round{server_round:03d}" if e.rollout_videos else None
-        labs = {c.name: (c, "client") for c in cfg.data.clients if c.source == "sim"}
-        labs |= {c.name: (c, "eval_only") for c in cfg.data.eval_only if c.source == "sim"}
-        out: dict[str, Any] = {"labs": {}}
-        for name, (spec, role) in labs.items():
-            result = rollout(
-                self.bundle.policy,
-                (self.bundle.preprocessor, self.bundle.postprocessor),
-                spec.lab,
-                e.rollout_episodes,
-                seed=e.seed,
-                image_size=cfg.data.sim_image_size,
-                cache_dir=cfg.cache_dir,
-                max_frames=e.rollout_max_frames,
-                video_dir=videos,
-                device=self.bundle.device,
-            )
-            out["labs"][name] = {"role": role, **result}
-        clients = [v["summary"] for v in out["labs"].values() if v["role"] == "client"]
-        if clients:
-            wins = sum(round(c["success_rate"] * c["episodes"]) for c in clients)
-            n = sum(c["episodes"] for c in clients)
-            out["clients"] = {"success_rate": wins / n, "success_ci": list(wilson_interval(wins, n)), "episodes": n}
-        return out
-
-    def _checkpoint(self, server_round: int, mean: dict[str, Any]) -> None:
-        if server_round == 0 or not self.cfg.output.save_checkpoints:
-            return
-        if "loss" in mean and (self.best is None or mean["loss"] < self.best["loss"]):
-            self.best = {"round": server_round, **mean}
-            model.save_policy(self.bundle, self.run.checkpoint("best"))
-        if server_round == self.cfg.fl.num_rounds:
-            model.save_policy(self.bundle, self.run.checkpoint("final"))
-
-    def _progress(self, server_round: int, record: dict[str, Any]) -> None:
-        parts = [f"round {server_round}/{self.cfg.fl.num_rounds}"]
-        if "train" in record:
-            agg = record["train"]["aggregate"]
-            parts.append(
-                f"train loss {agg.get('train_loss', float('nan')):.4f} ({record['num_train_clients']} clients)"
-            )
-        mean = record.get("eval", {}).get("mean", {})
-        if "loss" in mean:
-            lo, hi = mean["loss_ci"]
-            parts.append(f"eval loss {mean['loss']:.4f} [{lo:.4f}, {hi:.4f}]")
-        if "action_mae" in mean:
-            parts.append(f"action MAE {mean['action_mae']:.3f}")
-        for name, ev in record.get("eval", {}).get("extra", {}).items():
-            parts.append(f"{name}: loss {ev['loss']:.4f}")
-        if "rollout" in record:
-            labs = record["rollout"]["labs"]
-            parts.append(
-                "closed-loop success "
-                + ", ".join(
-                    f"{name} {v['summary']['success_rate']:.0%} ({v['summary']['furthest_stage']})"
-                    for name, v in labs.items()
-                )
-            )
-        if record.get("failures"):
-            parts.append(f"{len(record['failures'])} failures")
-        parts.append(f"{record['seconds']['round']:.1f}s")
-        self.log(", ".join(parts))
-
-    @staticmethod
-    def log(line: str) -> None:
-        print(f"[zk0] {line}", flush=True)
 
 
 class _StatsOnly:
@@ -751,6 +740,43 @@ def check_update(arrays: ArrayRecord, global_w: dict[str, torch.Tensor]) -> str 
         if arr.stype in (RAW, RAW_DELTA) and arr.dtype not in _TORCH_DTYPES:
             return f"{name}: unsupported dtype {arr.dtype}"
     return None
+
+
+def failure_reason(raw: str) -> dict[str, str]:
+    """A client error as one readable line (the exception's own message), with the full text as detail."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", raw)
+    if "Message: " in text:
+        short = text.rsplit("Message: ", 1)[1]
+    elif "ActorDiedError" in text or "actor died" in text.lower():
+        short = "the client's process died mid-round"
+    else:
+        short = text.strip().splitlines()[0] if text.strip() else "unknown error"
+    short = short.strip().strip("'>\"").splitlines()[0][:300]
+    return {"reason": short, "detail": text[-3000:]}
+
+
+def screen_update(
+    arrays: ArrayRecord, global_w: dict[str, torch.Tensor], max_norm: float
+) -> tuple[OrderedDict | None, str | None]:
+    """(the client's weights, None) when an update may be aggregated, else (None, why not): same keys,
+    shapes and dtypes as the global weights, finite values, ||update|| <= max_norm."""
+    problem = check_update(arrays, global_w)
+    if problem is not None:
+        return None, problem
+    weights = decode_arrays(arrays, reference=global_w)
+    if not all(torch.isfinite(w).all() for w in weights.values()):
+        return None, "update has NaN or Inf values"
+    norm = math.sqrt(sum(float(((w - global_w[k]) ** 2).sum()) for k, w in weights.items()))
+    if norm > max_norm:
+        return None, f"update norm {norm:.4g} exceeds fl.max_update_norm={max_norm:g}"
+    return weights, None
+
+
+_STRATEGY_STATE = ("m_t", "v_t")  # FedAdam/FedYogi server moments (FedOpt); FedAvg and FedProx keep none
+
+
+def strategy_state(strategy: Any) -> dict[str, dict[str, np.ndarray]]:
+    return {name: dict(getattr(strategy, name)) for name in _STRATEGY_STATE if getattr(strategy, name, None)}
 
 
 def check_compatible(infos: list[dict[str, Any]], cfg: ExperimentConfig) -> None:
@@ -787,43 +813,11 @@ def server_main(grid: Grid, context: Context) -> None:
     env.use_offline_hub_if_possible(cfg)
     run_dir = str(context.run_config.get("run-dir", "") or "")
     run = RunRecord(run_dir) if run_dir and (Path(run_dir) / "config.json").exists() else RunRecord.create(cfg)
-    server = FederatedServer(cfg, run, grid)
+    resume = str(context.run_config.get("resume", "")).lower() == "true"
+    server = FederatedServer(cfg, run, grid, resume=resume)
     try:
         server.run_rounds()
     except BaseException as e:
-        run.fail(f"{type(e).__name__}: {e}")
-        if server.tracker is not None:
-            server.tracker.finish(run.summary())
+        server.book.fail(e)
         raise
-    run.update_summary(
-        status="completed",
-        finished_at=utc_now(),
-        wall_seconds=time.perf_counter() - server.t_start,
-        final=_final_eval(run),
-        final_rollout=_final_rollout(run),
-        best=server.best,
-        totals=server.totals,
-    )
-    if server.tracker is not None:
-        server.tracker.finish(run.summary())
-    server.log(f"run {run.run_id} completed: {run.path}")
-
-
-def _final_rollout(run: RunRecord) -> dict[str, Any] | None:
-    done = [r for r in run.rounds() if "rollout" in r]
-    if not done:
-        return None
-    last = done[-1]["rollout"]
-    return {
-        "round": done[-1]["round"],
-        "clients": last.get("clients"),
-        "labs": {name: v["summary"] for name, v in last["labs"].items()},
-    }
-
-
-def _final_eval(run: RunRecord) -> dict[str, Any] | None:
-    evaluated = [r for r in run.rounds() if "eval" in r]
-    if not evaluated:
-        return None
-    last = evaluated[-1]
-    return {"round": last["round"], **last["eval"]["mean"]}
+    server.book.complete()

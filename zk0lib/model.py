@@ -428,11 +428,11 @@ def load_policy(path: str | Path, device: str = "cpu") -> PolicyBundle:
     return PolicyBundle(policy=policy, preprocessor=pre, postprocessor=post, device=dev)
 
 
-def smolvla_base_sizes() -> dict[str, Any]:
-    """Parameters and bytes per client per round of `lerobot/smolvla_base`, built offline on the meta device.
+def smolvla_base_policy(device: str = "meta") -> Any:
+    """A policy with `lerobot/smolvla_base`'s architecture and random weights, offline.
 
-    The architecture is SmolVLAConfig's defaults (those smolvla_base was trained with) on a VLM config with
-    SmolVLM2-500M's published dimensions; no weights are read or allocated.
+    SmolVLAConfig's defaults (those smolvla_base was trained with) on a VLM config with SmolVLM2-500M's
+    published dimensions, three 256x256 cameras and 6 joints. On the meta device nothing is allocated.
     """
     from lerobot.configs.types import FeatureType, PolicyFeature
     from lerobot.policies.smolvla.configuration_smolvla import SmolVLAConfig
@@ -440,28 +440,34 @@ def smolvla_base_sizes() -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         smolvlm2_500m_folder(Path(tmp))
-        pc = SmolVLAConfig(vlm_model_name=tmp, load_vlm_weights=False, device="cpu")
+        pc = SmolVLAConfig(vlm_model_name=tmp, load_vlm_weights=False, device="cpu" if device == "meta" else device)
         pc.input_features = {
             "observation.state": PolicyFeature(FeatureType.STATE, (6,)),
             **{f"observation.images.camera{i}": PolicyFeature(FeatureType.VISUAL, (3, 256, 256)) for i in (1, 2, 3)},
         }
         pc.output_features = {"action": PolicyFeature(FeatureType.ACTION, (6,))}
-        with torch.device("meta"):
-            policy = SmolVLAPolicy(pc)
+        with torch.device(device):
+            return SmolVLAPolicy(pc)
+
+
+def payload_sizes(policy: torch.nn.Module) -> dict[str, Any]:
+    """Bytes one client sends per round: the whole fp32 state dict (what the original zk0 sent) against
+    the trainable parameters only, as fp32 and as bf16."""
     counts = parameter_counts(policy)
     state_dict_bytes = sum(t.numel() * 4 for t in policy.state_dict().values())
-    mib = 2**20
+    sizes = {
+        "full_state_dict_fp32": state_dict_bytes,
+        "trainable_fp32": counts["trainable"] * 4,
+        "trainable_bf16": counts["trainable"] * 2,
+    }
     return {
         "parameters": counts,
-        "bytes_per_round": {
-            "full_state_dict_fp32": state_dict_bytes,
-            "trainable_fp32": counts["trainable"] * 4,
-            "trainable_bf16": counts["trainable"] * 2,
-        },
-        "mib_per_round": {
-            "full_state_dict_fp32": round(state_dict_bytes / mib, 1),
-            "trainable_fp32": round(counts["trainable"] * 4 / mib, 1),
-            "trainable_bf16": round(counts["trainable"] * 2 / mib, 1),
-        },
-        "trainable_bf16_share_of_full": round(counts["trainable"] * 2 / state_dict_bytes, 4),
+        "bytes_per_round": sizes,
+        "mib_per_round": {k: round(v / 2**20, 3) for k, v in sizes.items()},
+        "trainable_bf16_share_of_full": round(sizes["trainable_bf16"] / state_dict_bytes, 4),
     }
+
+
+def smolvla_base_sizes() -> dict[str, Any]:
+    """Parameters and bytes per client per round of `lerobot/smolvla_base`, built on the meta device."""
+    return payload_sizes(smolvla_base_policy("meta"))

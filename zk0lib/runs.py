@@ -11,6 +11,7 @@ import math
 import os
 import platform
 import secrets
+import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -172,3 +173,82 @@ def list_runs(runs_dir: str | Path) -> list[RunRecord]:
     if not root.exists():
         return []
     return sorted((RunRecord(p) for p in root.iterdir() if (p / "config.json").exists()), key=lambda r: r.run_id)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+    import torch
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+        "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+        "torch": torch.get_rng_state().tolist(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss_np))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+
+
+def save_resume_state(run: RunRecord, server_round: int, arrays: Any, strategy: dict, book: Any) -> None:
+    """checkpoints/resume: the global trainable weights (fp32), the strategy's state (server moments),
+    the round, the book's best/totals and the RNG states, swapped in whole after each round."""
+    from safetensors.numpy import save_file
+
+    final = run.checkpoint("resume")
+    tmp = final.with_name(".resume.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: a.numpy() for k, a in arrays.items()}, str(tmp / "global.safetensors"))
+    flat = {f"{name}/{k}": v for name, values in strategy.items() for k, v in values.items()}
+    save_file(flat, str(tmp / "strategy.safetensors"))
+    write_json(tmp / "state.json", {"round": server_round, "book": book.state(), "rng": _rng_state()})
+    old = final.with_name(".resume.old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_resume_state(run: RunRecord) -> dict[str, Any] | None:
+    """The last complete round's resume state (RNG states restored), or None when there is none."""
+    from safetensors.numpy import load_file
+
+    folder = run.checkpoint("resume")
+    if not (folder / "state.json").exists():
+        return None
+    state = read_json(folder / "state.json")
+    strategy: dict[str, dict] = {}
+    for key, value in load_file(str(folder / "strategy.safetensors")).items():
+        name, _, param = key.partition("/")
+        strategy.setdefault(name, {})[param] = value
+    _set_rng_state(state["rng"])
+    return {
+        "round": state["round"],
+        "book": state["book"],
+        "strategy": strategy,
+        "arrays": load_file(str(folder / "global.safetensors")),
+    }
+
+
+def truncate_rounds(run: RunRecord, last_round: int) -> int:
+    """Drop records of rounds after `last_round` (a round that was recorded but not checkpointed is redone)."""
+    kept = [r for r in run.rounds() if r["round"] <= last_round]
+    text = "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in kept)
+    atomic_write_text(run.path / "metrics.jsonl", text)
+    return len(kept)

@@ -27,7 +27,7 @@ from zk0lib.config import ExperimentConfig, validate
 from zk0lib.data import dataset_location, load_metadata
 from zk0lib.federation import encode_config
 from zk0lib.model import check_pretrained, ensure_tiny_vlm
-from zk0lib.runs import RunRecord
+from zk0lib.runs import RunRecord, truncate_rounds, utc_now
 from zk0lib.validate import Report, check_before_training
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -49,6 +49,11 @@ class RunResult:
     @property
     def record(self) -> RunRecord:
         return RunRecord(self.path)
+
+    @classmethod
+    def of(cls, run: RunRecord, wall_seconds: float) -> RunResult:
+        summary = run.summary()
+        return cls(run.run_id, run.path, summary.get("status", "unknown"), summary, run.rounds(), wall_seconds)
 
 
 def stage_app(dest: Path) -> Path:
@@ -230,19 +235,20 @@ def _last_error(log_path: Path) -> str:
     """The first exception line Flower logged (the simulation's own failures never reach the ServerApp)."""
     lines = [_ANSI.sub("", x).strip() for x in log_path.read_text(errors="replace").splitlines()]
     errors = [x for x in lines if re.match(r"^[\w.]+(Error|Exception): ", x)]
+    errors += [x.split(":", 1)[1].strip() for x in lines if re.match(r"^ERROR\s*:", x)]
     return errors[0] if errors else f"see {log_path}"
 
 
-def run_federated(
-    cfg: ExperimentConfig, progress: Callable[[str], None] | None = print, run: RunRecord | None = None
-) -> RunResult:
-    """Run the federation in simulation (one virtual client per dataset) and return its record."""
-    t0 = time.perf_counter()
+def start_run(
+    cfg: ExperimentConfig, kind: str, progress: Callable[[str], None] | None, run: RunRecord | None = None
+) -> RunRecord:
+    """Check everything a run needs, then create its folder (with the validation report): a run that
+    cannot start leaves no folder behind."""
     env.quiet()
     validate(cfg)
     env.use_offline_hub_if_possible(cfg)
-    validation = prepare(cfg, progress)  # before the run folder exists: a run that cannot start leaves nothing
-    run = run or RunRecord.create(cfg)
+    validation = prepare(cfg, progress)
+    run = run or RunRecord.create(cfg, kind)
     if validation is not None:
         validation.save(run.path, "validation")
         if validation.findings and progress is not None:
@@ -250,6 +256,42 @@ def run_federated(
                 f"validation: {len(validation.errors)} errors, {len(validation.warnings)} warnings "
                 f"(allowed: data.allow_invalid={cfg.data.allow_invalid}); see {run.path / 'validation.csv'}"
             )
+    return run
+
+
+def resume_federated(run_dir: str | Path, progress: Callable[[str], None] | None = print) -> RunResult:
+    """Continue a federated run that stopped (crash, kill, lost machine) after its last complete round."""
+    run = RunRecord(run_dir)
+    if not (run.path / "config.json").exists():
+        raise FederatedRunError(f"{run.path} is not a zk0 run folder (no config.json)")
+    summary = run.summary()
+    if summary.get("kind", "federated") != "federated":
+        raise FederatedRunError(f"run {run.run_id} is a {summary['kind']} run; only federated runs resume")
+    if summary.get("status") == "completed":
+        raise FederatedRunError(f"run {run.run_id} already completed all its rounds; nothing to resume")
+    state = run.checkpoint("resume") / "state.json"
+    if not state.exists():
+        raise FederatedRunError(
+            f"run {run.run_id} stopped before completing a round (no {state}); start it again with zk0 train"
+        )
+    last = json.loads(state.read_text())["round"]
+    truncate_rounds(run, last)
+    resumed = [*summary.get("resumed", []), {"at": utc_now(), "after_round": last}]
+    run.update_summary(status="running", error=None, resumed=resumed)
+    if progress is not None:
+        progress(f"resuming run {run.run_id} after round {last}")
+    return run_federated(run.config(), progress, run=run, resume=True)
+
+
+def run_federated(
+    cfg: ExperimentConfig,
+    progress: Callable[[str], None] | None = print,
+    run: RunRecord | None = None,
+    resume: bool = False,
+) -> RunResult:
+    """Run the federation in simulation (one virtual client per dataset) and return its record."""
+    t0 = time.perf_counter()
+    run = start_run(cfg, "federated", progress, run)
     log_path = run.path / "flower.log"
     flower_run_id, status = "", "unknown"
     try:
@@ -258,7 +300,7 @@ def run_federated(
                 f"num-supernodes={len(cfg.data.clients)} client-resources-num-cpus={cfg.fl.client_num_cpus} "
                 f"client-resources-num-gpus={cfg.fl.client_num_gpus}"
             )
-            run_conf = f'config-json="{encode_config(cfg)}" run-dir="{run.path}"'
+            run_conf = f'config-json="{encode_config(cfg)}" run-dir="{run.path}" resume="{str(resume).lower()}"'
             cmd = [
                 _bin("flwr"),
                 "run",
@@ -294,9 +336,7 @@ def run_federated(
             status="failed",
             error=f"Flower run ended with status {status!r} before the ServerApp finished: {_last_error(log_path)}",
         )
-    result = RunResult(
-        run.run_id, run.path, summary.get("status", "unknown"), summary, run.rounds(), time.perf_counter() - t0
-    )
+    result = RunResult.of(run, time.perf_counter() - t0)
     if result.status != "completed":
         raise FederatedRunError(
             f"run {run.run_id} {result.status}: {summary.get('error', status)}\nrecord: {run.path}\nlog: {log_path}"

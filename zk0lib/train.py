@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from zk0lib.config import ExperimentConfig
-from zk0lib.data import batch_stream
+from zk0lib.data import BatchStream, batch_stream
 from zk0lib.model import PolicyBundle, trainable_parameters
 
 
@@ -67,37 +67,69 @@ def train_round(
     mu: float,
     client_name: str = "",
 ) -> dict[str, float]:
-    """`train.local_steps` optimizer steps from the current (global) weights; returns the round's metrics."""
-    t0 = time.perf_counter()
-    policy, steps = bundle.policy, cfg.train.local_steps
-    params = [p for _, p in trainable_parameters(policy)]
-    global_params = [p.detach().clone() for p in params]
-    optimizer, scheduler = make_optimizer(policy, cfg.fl.num_rounds * steps, (server_round - 1) * steps)
-    clip = policy.config.optimizer_grad_clip_norm
+    """`train.local_steps` optimizer steps from the current (global) weights; returns the round's metrics.
+
+    `dataset` is a dataset or, to keep loader workers across rounds, a BatchStream over it."""
+    steps = cfg.train.local_steps
+    optimizer, scheduler = make_optimizer(bundle.policy, cfg.fl.num_rounds * steps, (server_round - 1) * steps)
     seed = derive_seed(cfg.seed, server_round, client_index)
     torch.manual_seed(seed)  # the policy samples flow-matching noise and time from the global RNG
-    stream = batch_stream(dataset, cfg.train.batch_size, cfg.train.num_workers, seed)
+    if isinstance(dataset, BatchStream):
+        stream = dataset.batches(seed)
+    else:
+        stream = batch_stream(dataset, cfg.train.batch_size, cfg.train.num_workers, seed)
+    return train_steps(
+        bundle,
+        stream,
+        optimizer,
+        scheduler,
+        steps,
+        cfg,
+        mu=mu,
+        label=f"client {client_name or client_index} in round {server_round}",
+    )
+
+
+def train_steps(
+    bundle: PolicyBundle,
+    stream: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    steps: int,
+    cfg: ExperimentConfig,
+    mu: float = 0.0,
+    label: str = "",
+) -> dict[str, float]:
+    """`steps` optimizer steps on batches from `stream`, with the FedProx term around the weights the
+    policy holds when called (none when mu == 0); returns the metrics of these steps."""
+    t0 = time.perf_counter()
+    policy = bundle.policy
+    params = [p for _, p in trainable_parameters(policy)]
+    start_params = [p.detach().clone() for p in params]
+    clip = policy.config.optimizer_grad_clip_norm
     allowed_skips = math.floor(cfg.train.max_skipped_fraction * steps)
     losses, proxes, grad_norms, errors = [], [], [], []
     samples = 0
     lr = optimizer.param_groups[0]["lr"]
     policy.train()
+    data_seconds = 0.0
     while len(losses) < steps:
+        t_data = time.perf_counter()
         batch = next(stream)
+        data_seconds += time.perf_counter() - t_data
         if "__skipped__" in batch:
             errors.extend(batch["__skipped__"])
             if len(errors) > allowed_skips:
                 raise RuntimeError(
-                    f"client {client_name or client_index}: {len(errors)} of {len(errors) + len(losses)} batches "
-                    f"could not be read in round {server_round}, more than train.max_skipped_fraction="
-                    f"{cfg.train.max_skipped_fraction} of {steps} steps allows; first error: {errors[0]}. "
-                    "Run `zk0 validate` to find the broken episodes."
+                    f"{label}: {len(errors)} of {len(errors) + len(losses)} batches could not be read, more than "
+                    f"train.max_skipped_fraction={cfg.train.max_skipped_fraction} of {steps} steps allows; "
+                    f"first error: {errors[0]}. Run `zk0 validate` to find the broken episodes."
                 )
             continue
         samples += len(batch["index"])
         batch = bundle.preprocessor(batch)
         with autocast(bundle, cfg.train.amp):
-            total, loss, prox = fedprox_loss(policy, batch, global_params, mu)
+            total, loss, prox = fedprox_loss(policy, batch, start_params, mu)
         total.backward()
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, clip)))
         lr = optimizer.param_groups[0]["lr"]
@@ -108,7 +140,7 @@ def train_round(
         losses.append(loss.item())
         proxes.append(prox.item())
     with torch.no_grad():
-        update_norm = math.sqrt(sum(float(((p - g) ** 2).sum()) for p, g in zip(params, global_params, strict=True)))
+        update_norm = math.sqrt(sum(float(((p - g) ** 2).sum()) for p, g in zip(params, start_params, strict=True)))
     return {
         "train_loss": float(np.mean(losses)),
         "train_loss_std": float(np.std(losses)),
@@ -121,6 +153,7 @@ def train_round(
         "samples": samples,
         "skipped_batches": len(errors),
         "seconds": time.perf_counter() - t0,
+        "data_seconds": data_seconds,  # waiting for batches (decoding, worker start-up)
     }
 
 

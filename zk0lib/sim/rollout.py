@@ -114,6 +114,7 @@ def rollout(
             ep_seed = episode_seed(lab, seed, i, purpose=1)
             env.reset(seed=ep_seed)
             policy.reset()
+            torch.manual_seed(ep_seed)  # the policy's sampling noise: an episode's result depends on nothing before it
             frames_for_video: list[np.ndarray] = []
             batch: dict[str, Any] | None = None
             calls = 0

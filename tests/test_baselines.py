@@ -1,0 +1,111 @@
+"""Centralized and local-only baselines: the federated run's budget, its records' format, and `zk0 compare`."""
+
+import json
+
+import pytest
+
+from zk0lib import baselines, report
+from zk0lib.compare import compare, compare_table, table_markdown
+from zk0lib.config import ConfigError, load_config
+from zk0lib.runs import RunRecord
+
+
+@pytest.fixture(scope="module")
+def three_kinds(home, smoke_run):
+    """The session's federated smoke run and both baselines of the same config."""
+    out, _, _ = smoke_run
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = {"federated": RunRecord(home / "reports" / "runs" / "e2e-smoke")}
+    for kind in baselines.KINDS:
+        cfg = load_config("smoke", {"output.run_id": f"baseline-{kind}"})
+        results[kind] = baselines.run_baseline(kind, cfg, progress=None).record
+    return results
+
+
+def test_baselines_train_on_exactly_the_federated_samples(three_kinds):
+    cfg = load_config("smoke")
+    b = baselines.budget(cfg)
+    assert b["total_samples"] == cfg.fl.num_rounds * 2 * cfg.train.local_steps * cfg.train.batch_size
+    fed = three_kinds["federated"].summary()["totals"]
+    for kind in baselines.KINDS:
+        run = three_kinds[kind]
+        totals = run.summary()["totals"]
+        assert totals["train_samples"] == fed["train_samples"] == b["total_samples"]
+        assert totals["train_steps"] == fed["train_steps"] == b["total_steps"]
+        for r in run.rounds()[1:]:
+            clients = r["train"]["clients"]
+            if kind == "centralized":  # one model, all clients' steps of a round
+                assert list(clients) == ["centralized"]
+                assert clients["centralized"]["steps"] == 2 * cfg.train.local_steps
+            else:  # each client its own steps, as in a federated round
+                assert set(clients) == {"synth-0", "synth-1"}
+                assert {m["samples"] for m in clients.values()} == {cfg.train.local_steps * cfg.train.batch_size}
+
+
+def test_baselines_write_the_federated_record_format(three_kinds):
+    fed_rounds = three_kinds["federated"].rounds()
+    for kind in baselines.KINDS:
+        run = three_kinds[kind]
+        assert json.loads((run.path / "config.json").read_text())["kind"] == kind
+        summary = run.summary()
+        assert summary["status"] == "completed" and summary["kind"] == kind and summary["final"]["round"] == 2
+        rounds = run.rounds()
+        assert [r["round"] for r in rounds] == [r["round"] for r in fed_rounds]
+        for mine, theirs in zip(rounds, fed_rounds, strict=True):
+            assert set(mine["eval"]["clients"]) == set(theirs["eval"]["clients"])
+            assert set(mine["eval"]["extra"]) == set(theirs["eval"]["extra"])
+            assert {"loss", "loss_ci", "action_mae", "action_mae_ci"} <= set(mine["eval"]["mean"])
+        # the same initial weights judged the same way: round 0 is identical in every kind of run
+        assert rounds[0]["eval"]["mean"]["loss"] == pytest.approx(fed_rounds[0]["eval"]["mean"]["loss"], rel=1e-6)
+    local = three_kinds["local-only"].rounds()[-1]["eval"]
+    assert set(local["models"]) == {"synth-0", "synth-1"}
+    assert {"loss", "loss_ci"} <= set(local["own"])
+    for model_eval in local["models"].values():  # every local model on every client's held-out episodes
+        assert set(model_eval["clients"]) == {"synth-0", "synth-1"} and "unseen" in model_eval["extra"]
+    assert (three_kinds["local-only"].path / "checkpoints" / "final-synth-1" / "model.safetensors").exists()
+
+    table = report.runs_table(three_kinds["federated"].path.parent)
+    kinds = set(table[table.run_id.isin([r.run_id for r in three_kinds.values()])].kind)
+    assert kinds == {"federated", "centralized", "local-only"}
+
+
+def test_compare_table_rows_and_markdown(three_kinds):
+    entries = [
+        {
+            "label": kind if kind != "federated" else "federated fedprox",
+            "run_id": run.run_id,
+            "status": "completed",
+            "seconds": 60.0,
+        }
+        for kind, run in three_kinds.items()
+    ]
+    table = compare_table(three_kinds["federated"].path.parent, entries)
+    assert list(table["row"]) == ["federated fedprox", "centralized", "local-only"]
+    fed = table.iloc[0]
+    assert fed["mb_per_round"] > 0 and table.iloc[1]["mb_per_round"] == 0
+    assert table.iloc[2]["own_loss"] != table.iloc[2]["loss"]  # local models on their own data vs everyone's
+    text = table_markdown(table)
+    assert text.count("\n") == 4 and "[" in text  # header, rule, 3 rows; one seed: a 95% interval
+
+
+def test_compare_runs_seeds_and_refuses_bad_input(home, tmp_path):
+    with pytest.raises(ConfigError, match="unknown fedsgd"):
+        compare("smoke", ["fedsgd"], [], out_root=tmp_path)
+    with pytest.raises(ConfigError, match="--seeds must be >= 1"):
+        compare("smoke", [], ["centralized"], seeds=0, out_root=tmp_path)
+    assert not any(tmp_path.iterdir())
+    record = compare(
+        "smoke",
+        [],
+        ["centralized"],
+        seeds=2,
+        overrides=["fl.num_rounds=1"],
+        compare_id="c",
+        out_root=tmp_path,
+        progress=lambda _: None,
+    )
+    assert [r["run_id"] for r in record["runs"]] == ["centralized-s0", "centralized-s1"]
+    assert all(r["status"] == "completed" for r in record["runs"])
+    row = record["table"][0]
+    assert row["seeds"] == "2/2" and row["loss_sd"] is not None and row["loss_sd"] > 0  # seeds differ
+    assert "±" in (tmp_path / "c" / "table.md").read_text()

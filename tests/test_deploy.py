@@ -1,0 +1,40 @@
+"""Flower's Deployment Engine on loopback with TLS and SuperNode authentication (`zk0 deploy-local`)."""
+
+import json
+import time
+
+from test_federation import _alive_flower_processes  # tests/ is on sys.path
+
+from zk0lib.runs import RunRecord
+
+
+def test_deploy_local_with_tls_and_auth_matches_the_simulation(home, zk0_cli, smoke_run):
+    t0 = time.time()
+    out = zk0_cli("deploy-local", "--preset", "smoke", "--run-id", "deployed", "--set", "fl.num_rounds=1")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert (
+        "2 SuperNodes registered and started" in out.stdout and "over TLS with authenticated SuperNodes" in out.stdout
+    )
+    deployed = RunRecord(home / "reports" / "runs" / "deployed").rounds()
+    simulated = RunRecord(home / "reports" / "runs" / "e2e-smoke").rounds()  # same config, round 1 of 2
+    assert deployed[1]["eval"]["mean"]["loss"] != deployed[0]["eval"]["mean"]["loss"]
+    assert set(deployed[1]["train"]["clients"]) == {"synth-0", "synth-1"}
+    for client in ("synth-0", "synth-1"):  # the same update, whichever engine carried it
+        ours, theirs = deployed[1]["train"]["clients"][client], simulated[1]["train"]["clients"][client]
+        assert abs(ours["train_loss"] - theirs["train_loss"]) < 1e-5
+    assert (home / "data_cache" / "deploy" / "tls" / "ca.crt").exists()
+    assert _alive_flower_processes(t0) == []
+
+
+def test_unregistered_and_plaintext_supernodes_are_refused(home, zk0_cli):
+    t0 = time.time()
+    out = zk0_cli("deploy-local", "--preset", "smoke", "--check-refusals")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    outcome = json.loads(out.stdout)
+    assert (
+        outcome["unregistered"]["exited"]
+        and "[code: 2004] Failed to activate SuperNode." in outcome["unregistered"]["said"]
+    )
+    assert outcome["plaintext"]["exited"] and outcome["plaintext"]["returncode"] != 0
+    assert [n["status"] for n in outcome["superlink_nodes"]] == ["registered"]  # only the authorized key, never online
+    assert _alive_flower_processes(t0) == []

@@ -1,0 +1,137 @@
+"""Reliability: failing and poisoned clients, update screening, fault-injection guard, kill -9 and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from test_federation import _alive_flower_processes  # tests/ is on sys.path
+
+from zk0lib import data, federation, model, train
+from zk0lib.config import FAULTS_ENV, ConfigError, load_config
+from zk0lib.runs import RunRecord
+
+
+def test_fault_injection_is_refused_unless_enabled(monkeypatch):
+    monkeypatch.delenv(FAULTS_ENV, raising=False)
+    with pytest.raises(ConfigError, match=f"for tests only: set {FAULTS_ENV}=1"):
+        load_config("smoke", {"fl.inject_failure": "raise:1@1"})
+    monkeypatch.setenv(FAULTS_ENV, "1")
+    with pytest.raises(ConfigError, match="is not MODE:CLIENT@ROUND"):
+        load_config("smoke", {"fl.inject_failure": "explode:1@1"})
+    with pytest.raises(ConfigError, match="out of range"):
+        load_config("smoke", {"fl.inject_failure": "raise:5@1"})
+    assert load_config("smoke", {"fl.inject_failure": "raise:1@1,nan:0@2"}).fl.inject_failure
+
+
+def test_update_screening():
+    g = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
+    ok = {"w": torch.full((3, 2), 0.1), "b": torch.ones(2)}
+    weights, problem = federation.screen_update(federation.encode_arrays(ok, "float32"), g, 10.0)
+    assert problem is None and torch.equal(weights["b"], ok["b"])
+    _, problem = federation.screen_update(federation.encode_arrays(ok, "float32"), g, 1.0)
+    assert "exceeds fl.max_update_norm=1" in problem
+    bad = federation._corrupt(federation.encode_arrays(ok, "bfloat16", reference=g), "nan")
+    assert federation.screen_update(bad, g, 10.0)[1] == "update has NaN or Inf values"
+    bad = federation._corrupt(federation.encode_arrays(ok, "float32"), "shape")
+    assert "shape (4, 2) != (3, 2)" in federation.screen_update(bad, g, 10.0)[1]
+
+
+@pytest.fixture(scope="module")
+def faulty_run(home, zk0_cli):
+    """Four rounds, two clients, one failing or poisoned each round; one client is enough to go on."""
+    os.environ[FAULTS_ENV] = "1"  # inherited by zk0 and every Flower process it starts
+    t0 = time.time()
+    out = zk0_cli(
+        "train", "--preset", "smoke", "--run-id", "faulty",
+        "--set", "fl.num_rounds=4",
+        "--set", "fl.min_train_clients=1",
+        "--set", "fl.inject_failure=nan:0@1,shape:1@2,raise:0@3,exit:1@4",
+    )  # fmt: skip
+    del os.environ[FAULTS_ENV]
+    return out, t0
+
+
+def test_failed_and_rejected_clients_are_recorded_and_left_out(faulty_run, home):
+    out, t0 = faulty_run
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    run = RunRecord(home / "reports" / "runs" / "faulty")
+    rounds = run.rounds()
+    assert run.summary()["status"] == "completed" and [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
+    expected = {
+        1: ("synth-0", "rejected: update has NaN"),
+        2: ("synth-1", "rejected: "),
+        3: ("synth-0", "injected failure"),
+    }
+    for rnd, (client, reason) in expected.items():
+        (failure,) = rounds[rnd]["failures"]
+        assert failure["client"] == client and failure["round"] == rnd and reason in failure["reason"], failure
+        assert rounds[rnd]["num_train_clients"] == 1 and client not in rounds[rnd]["train"]["clients"]
+    assert "shape" in rounds[2]["failures"][0]["reason"]
+    (died,) = rounds[4]["failures"]  # the client's process exited mid-round
+    assert died["client"] == "synth-1" and rounds[4]["num_train_clients"] == 1
+    assert died["reason"] == "the client's process died mid-round"
+    assert rounds[3]["failures"][0]["reason"] == "injected failure: client 0 raises in round 3 (fl.inject_failure)"
+    assert _alive_flower_processes(t0) == []
+
+
+def test_global_weights_are_the_aggregate_of_the_accepted_updates(faulty_run, home, smoke_cfg, clients, stats):
+    """Replay, in this process, the one accepted client of each round: the run's final weights are exactly
+    theirs, so nothing of the rejected or failed updates reached the global model."""
+    cfg = RunRecord(home / "reports" / "runs" / "faulty").config()
+    bundle = model.build_policy(smoke_cfg, clients[0].meta, stats)
+    sets = [data.open_dataset(c, c.train_episodes, bundle.config, None) for c in clients]
+    for rnd, pid in ((1, 1), (2, 0), (3, 1), (4, 0)):
+        train.train_round(bundle, sets[pid], cfg, rnd, pid, cfg.fl.proximal_mu)
+    final = model.load_policy(home / "reports" / "runs" / "faulty" / "checkpoints" / "final")
+    ours, theirs = model.get_trainable(bundle.policy), model.get_trainable(final.policy)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-5
+
+
+def _kill_tree(pid: int) -> None:
+    root = psutil.Process(pid)
+    for p in [*root.children(recursive=True), root]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_result(home, smoke_run, zk0_cli):
+    uninterrupted = RunRecord(home / "reports" / "runs" / "e2e-smoke")
+    assert smoke_run[0].returncode == 0
+    run = RunRecord(home / "reports" / "runs" / "killed")
+    t0 = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zk0lib.cli", "train", "--preset", "smoke", "--run-id", "killed"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = run.checkpoint("resume") / "state.json"
+    while not (state.exists() and json.loads(state.read_text())["round"] == 1):
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before round 1 was checkpointed"
+        time.sleep(0.2)
+    _kill_tree(proc.pid)  # the machine dies in round 2: zk0, SuperLink, simulation, Ray
+    proc.wait()
+    time.sleep(1)
+    assert run.summary()["status"] == "running"
+
+    out = zk0_cli("train", "--resume", str(run.path))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "resuming run killed after round 1" in out.stdout
+    rounds = run.rounds()
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # no gap, no duplicate
+    summary, reference = run.summary(), uninterrupted.summary()
+    assert summary["status"] == "completed" and summary["resumed"][0]["after_round"] == 1
+    assert summary["final"]["loss"] == pytest.approx(reference["final"]["loss"], abs=1e-6)
+    assert summary["final"]["action_mae"] == pytest.approx(reference["final"]["action_mae"], abs=1e-6)
+    assert summary["totals"]["train_samples"] == reference["totals"]["train_samples"]
+    assert _alive_flower_processes(t0) == []
+
+    again = zk0_cli("train", "--resume", str(run.path))
+    assert again.returncode == 1 and "already completed" in again.stderr
