@@ -10,18 +10,16 @@ from zk0lib.runs import RunRecord
 
 def test_deploy_local_with_tls_and_auth_matches_the_simulation(home, zk0_cli, smoke_run):
     t0 = time.time()
-    out = zk0_cli("deploy-local", "--preset", "smoke", "--run-id", "deployed", "--set", "fl.num_rounds=1")
+    out = zk0_cli("deploy-local", "--preset", "smoke", "--run-id", "deployed")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert (
         "2 SuperNodes registered and started" in out.stdout and "over TLS with authenticated SuperNodes" in out.stdout
     )
-    deployed = RunRecord(home / "reports" / "runs" / "deployed").rounds()
-    simulated = RunRecord(home / "reports" / "runs" / "e2e-smoke").rounds()  # same config, round 1 of 2
-    assert deployed[1]["eval"]["mean"]["loss"] != deployed[0]["eval"]["mean"]["loss"]
-    assert set(deployed[1]["train"]["clients"]) == {"synth-0", "synth-1"}
-    for client in ("synth-0", "synth-1"):  # the same update, whichever engine carried it
-        ours, theirs = deployed[1]["train"]["clients"][client], simulated[1]["train"]["clients"][client]
-        assert abs(ours["train_loss"] - theirs["train_loss"]) < 1e-5
+    deployed = RunRecord(home / "reports" / "runs" / "deployed")
+    simulated = RunRecord(home / "reports" / "runs" / "e2e-smoke")  # the same config in simulation
+    assert [r["round"] for r in deployed.rounds()] == [0, 1, 2]
+    for key in ("loss", "action_mae"):  # whichever engine carried the messages, the same numbers
+        assert abs(deployed.summary()["final"][key] - simulated.summary()["final"][key]) < 1e-6
     assert (home / "data_cache" / "deploy" / "tls" / "ca.crt").exists()
     assert _alive_flower_processes(t0) == []
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import time
 
 import numpy as np
@@ -107,12 +108,26 @@ def test_incompatible_or_invalid_clients_are_refused():
 # ----------------------------------------------------------------------------- end to end
 
 
+def _zk0_home_of(proc: psutil.Process) -> str | None:
+    """The ZK0_HOME a process or its nearest ancestor runs under (Ray clears it in some of its helpers)."""
+    try:
+        for p in [proc, *proc.parents()]:
+            if home := p.environ().get("ZK0_HOME"):
+                return home
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        pass
+    return None
+
+
 def _alive_flower_processes(since: float) -> list[str]:
+    """Flower/Ray processes started since `since` by this test session (its ZK0_HOME), still alive."""
+    home = os.environ["ZK0_HOME"]
     found = []
     for p in psutil.process_iter(["cmdline", "create_time", "name"]):
         cmd = " ".join(p.info["cmdline"] or [p.info["name"] or ""])
         if p.info["create_time"] >= since - 1 and any(k in cmd for k in FLOWER_PROCESSES):
-            found.append(f"{p.pid}: {cmd[:120]}")
+            if _zk0_home_of(p) in (home, None):  # None: cannot tell, so it counts
+                found.append(f"{p.pid}: {cmd[:120]}")
     return found
 
 

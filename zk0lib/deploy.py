@@ -218,8 +218,7 @@ class SecureFederation:
 
     def __exit__(self, *exc: Any) -> None:
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                _kill_tree(proc)
+            _kill_tree(proc)  # also when it exited: a refused SuperNode leaves its SuperExec in its process group
         self._log.close()
 
 

@@ -290,6 +290,7 @@ def client_train(msg: Message, context: Context) -> Message:
         "setup_seconds": t_decode - t0,  # config, datasets and the policy (built in the first round only)
         "serialize_seconds": (t_train - t_decode) + (now - t_encode),
         "handler_seconds": now - t0,
+        "torch_threads": torch.get_num_threads(),
         "rss_mib": psutil.Process().memory_info().rss / 2**20,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
@@ -601,7 +602,8 @@ class FederatedServer:
         self.end_of_round(server_round, arrays)
         t = time.perf_counter()
         save_resume_state(self.run, server_round, arrays, strategy_state(strategy), self.book)
-        self.run.update_summary(resume_checkpoint_seconds=time.perf_counter() - t)
+        spent = self.run.summary().get("resume_checkpoint_seconds", [])
+        self.run.update_summary(resume_checkpoint_seconds=[*spent, time.perf_counter() - t][-1000:])
         return arrays
 
     def restore(self, strategy: Any) -> tuple[int, ArrayRecord]:
