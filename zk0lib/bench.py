@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from zk0lib import data, model, train
-from zk0lib.config import ExperimentConfig, load_config, zk0_home
+from zk0lib.config import ConfigError, ExperimentConfig, load_config, zk0_home
 from zk0lib.runs import RunRecord, environment, list_runs, utc_now, write_json
 
 
@@ -73,6 +73,8 @@ def bench_comms(run_dir: str | Path | None = None, runs_dir: Path | None = None)
         result["run"] = None
         result["note"] = "no completed federated run found: run `zk0 train --preset smoke` and measure again"
         return result
+    if not (run.path / "federation_meta").exists():
+        raise ConfigError(f"--run {run.path}: not a federated zk0 run folder (no federation_meta/ inside)")
     tiny = model.payload_sizes(_tiny_policy_of(run))
     seen = measured_bytes(run)
     expected = tiny["bytes_per_round"][f"trainable_{'bf16' if seen['transport_dtype'] == 'bfloat16' else 'fp32'}"]

@@ -206,16 +206,29 @@ class BatchStream:
             generator=torch.Generator(),  # never draw from the global RNG (the policy's noise comes from it)
         )
         self._current = None
+        self._pending: int | None = None  # seed of a started iterator nobody has read from yet
 
     def batches(self, seed: int):
-        """A fresh endless iterator; the previous one stops (its prefetched batches are dropped)."""
+        """An endless iterator for `seed`; the previous one stops (its prefetched batches are dropped).
+        If `prefetch(seed)` was called, its iterator, whose first batches are already decoding, is it."""
+        if self._pending == seed:
+            self._pending = None
+            return self._current
         if self._current is not None:
             self._current.close()
-        self._current = self._passes(seed)
+        self.sampler.seed = seed * 1_000_003
+        self._current = self._passes(seed, iter(self.loader))  # the workers start on the first pass now
+        self._pending = None
         return self._current
 
-    def _passes(self, seed: int):
-        epoch = 0
+    def prefetch(self, seed: int) -> None:
+        """Start decoding the first batches for `seed` (e.g. the next round's) while this process waits."""
+        self.batches(seed)
+        self._pending = seed
+
+    def _passes(self, seed: int, first: Any):
+        yield from first
+        epoch = 1
         while True:
             self.sampler.seed = seed * 1_000_003 + epoch
             yield from self.loader

@@ -274,6 +274,8 @@ def client_train(msg: Message, context: Context) -> Message:
         float(conf.get("proximal-mu", 0.0)),
         local.data.name,
     )
+    if int(conf["server-round"]) < cfg.fl.num_rounds:  # decode the next round's first batches while idle
+        local.train_stream(cfg).prefetch(train.round_seed(cfg, int(conf["server-round"]) + 1, pid))
     fault = injected_fault(cfg, pid, int(conf["server-round"]))
     t_encode = time.perf_counter()
     dtype = cfg.fl.transport_dtype

@@ -20,6 +20,11 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
+def round_seed(cfg: ExperimentConfig, server_round: int, client_index: int) -> int:
+    """What a client's round draws its batches and noise from."""
+    return derive_seed(cfg.seed, server_round, client_index)
+
+
 def autocast(bundle: PolicyBundle, enabled: bool):
     if enabled and bundle.device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
@@ -72,7 +77,7 @@ def train_round(
     `dataset` is a dataset or, to keep loader workers across rounds, a BatchStream over it."""
     steps = cfg.train.local_steps
     optimizer, scheduler = make_optimizer(bundle.policy, cfg.fl.num_rounds * steps, (server_round - 1) * steps)
-    seed = derive_seed(cfg.seed, server_round, client_index)
+    seed = round_seed(cfg, server_round, client_index)
     torch.manual_seed(seed)  # the policy samples flow-matching noise and time from the global RNG
     if isinstance(dataset, BatchStream):
         stream = dataset.batches(seed)
