@@ -58,7 +58,7 @@ app-check: install
 	$(BIN)/zk0 app-check
 
 compare: install
-	$(BIN)/zk0 compare --preset demo --strategies fedavg,fedprox,fedadam --compare-id demo
+	$(BIN)/zk0 compare --preset demo --strategies fedavg,fedprox,fedadam
 
 bench: install
 	$(BIN)/zk0 bench comms

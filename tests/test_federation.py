@@ -3,7 +3,6 @@
 import copy
 import json
 import os
-import time
 
 import numpy as np
 import psutil
@@ -174,29 +173,9 @@ def test_smoke_train_is_fast_and_leaves_no_process(smoke_run):
     print(f"zk0 train --preset smoke took {seconds:.0f} s")
 
 
-def test_fedadam_bf16_client_evaluation_from_a_pretrained_folder(smoke_run, home, zk0_cli):
+def test_fedadam_bf16_client_evaluation_from_a_pretrained_folder(adam_run, home, zk0_cli):
     """The real path's shape: a pretrained policy folder, a server optimizer, bf16 deltas, client-side eval."""
-    pretrained = home / "reports" / "runs" / "e2e-smoke" / "checkpoints" / "final"
-    t0 = time.time()
-    out = zk0_cli(
-        "train",
-        "--preset",
-        "smoke",
-        "--run-id",
-        "e2e-adam",
-        "--set",
-        f"model.pretrained={pretrained}",
-        "--set",
-        "fl.strategy=fedadam",
-        "--set",
-        "fl.transport_dtype=bfloat16",
-        "--set",
-        "eval.where=clients",
-        "--set",
-        "fl.num_rounds=1",
-        "--set",
-        "output.wandb=true",
-    )
+    out, t0 = adam_run
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     run = RunRecord(home / "reports" / "runs" / "e2e-adam")
     rounds = run.rounds()
