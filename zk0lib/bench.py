@@ -221,8 +221,8 @@ def bench_dataloader(
     stats = data.pooled_stats([data.open_client(cfg, i).meta for i in range(len(cfg.data.clients))])
     bundle = model.build_policy(cfg, client.meta, stats)
     dataset = data.open_dataset(client, client.train_episodes, bundle.config, cfg.data.video_backend)
-    stream = data.batch_stream(dataset, cfg.train.batch_size, cfg.train.num_workers, seed=0)
     t0 = time.perf_counter()
+    stream = data.batch_stream(dataset, cfg.train.batch_size, cfg.train.num_workers, seed=0)
     first = next(stream)
     startup = time.perf_counter() - t0
     kept = [first]

@@ -87,7 +87,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from zk0lib import bench
+    from zk0lib.env import quiet
 
+    quiet()
     name = args.bench_command
     if name == "comms":
         result = bench.bench_comms(args.run)
