@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import re
 import subprocess
 import time
@@ -20,7 +19,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from zk0lib import env
 from zk0lib.config import ExperimentConfig
 from zk0lib.simulation import (
     FederatedRunError,
@@ -29,8 +27,12 @@ from zk0lib.simulation import (
     _free_port,
     _kill_tree,
     encode_config,
+    failing_run,
+    finish_run,
+    flower_env,
     stage_app,
     start_run,
+    stream_flwr_run,
 )
 
 CONNECTION = "zk0-local-tls"
@@ -126,17 +128,7 @@ class SecureFederation:
         self.port = _free_port()
         self.home = self.folder / f"flwr-{self.port}"
         self.procs: list[subprocess.Popen] = []
-        self.env = (
-            dict(os.environ)
-            | env.QUIET
-            | {
-                "FLWR_HOME": str(self.home),
-                "ZK0_HOME": str(cfg.home),
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                "PYTHONUNBUFFERED": "1",
-                "PATH": os.pathsep.join([str(Path(_bin("flwr")).parent), os.environ.get("PATH", "")]),
-            }
-        )
+        self.env = flower_env(cfg, self.home)
 
     def __enter__(self) -> SecureFederation:
         (self.home / "app").mkdir(parents=True, exist_ok=True)
@@ -228,41 +220,18 @@ def deploy_local(cfg: ExperimentConfig, progress: Callable[[str], None] | None =
     say = progress or (lambda _: None)
     run = start_run(cfg, "federated", progress)
     log_path = run.path / "flower.log"
-    try:
-        with SecureFederation(cfg, log_path) as fed:
-            say(f"SuperLink with TLS and SuperNode authentication on 127.0.0.1:{fed.port}")
-            for i in range(len(cfg.data.clients)):
-                private, public = make_supernode_key(fed.folder / "supernodes", f"client-{i}")
-                fed.register(public)
-                fed.start_supernode(i, private)
-            say(f"{len(cfg.data.clients)} SuperNodes registered and started")
-            app = stage_app(fed.home / "app")
-            run_conf = f'config-json="{encode_config(cfg)}" run-dir="{run.path}"'
-            with open(log_path, "a", encoding="utf-8", buffering=1) as log:
-                proc = subprocess.Popen(
-                    [_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_conf],
-                    env=fed.env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
-                )
-                for line in proc.stdout:
-                    log.write(line)
-                    clean = _ANSI.sub("", line).rstrip()
-                    if "[zk0] " in clean:
-                        say(clean.split("[zk0] ", 1)[1])
-                proc.wait()
-    except BaseException as e:
-        if run.summary().get("status") == "running":
-            run.fail(f"{type(e).__name__}: {e}")
-        raise
-    summary = run.summary()
-    if summary.get("status") == "running":
-        run.update_summary(status="failed", error=f"the Flower run ended before the ServerApp finished; see {log_path}")
-    result = RunResult.of(run, time.perf_counter() - t0)
-    if result.status != "completed":
-        raise FederatedRunError(f"run {run.run_id} {result.status}: {result.summary.get('error')}\nlog: {log_path}")
-    return result
+    with failing_run(run), SecureFederation(cfg, log_path) as fed:
+        say(f"SuperLink with TLS and SuperNode authentication on 127.0.0.1:{fed.port}")
+        for i in range(len(cfg.data.clients)):
+            private, public = make_supernode_key(fed.folder / "supernodes", f"client-{i}")
+            fed.register(public)
+            fed.start_supernode(i, private)
+        say(f"{len(cfg.data.clients)} SuperNodes registered and started")
+        app = str(stage_app(fed.home / "app"))
+        run_conf = f'config-json="{encode_config(cfg)}" run-dir="{run.path}"'
+        cmd = [_bin("flwr"), "run", app, CONNECTION, "--stream", "--run-config", run_conf]
+        flower_run_id = stream_flwr_run(cmd, fed.env, log_path, progress)
+    return finish_run(run, t0, log_path, "started" if flower_run_id else "not started")
 
 
 def check_refusals(cfg: ExperimentConfig, wait_s: float = 20.0) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,71 @@ def _kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     proc.wait(timeout=5)
 
 
+def flower_env(cfg: ExperimentConfig, flwr_home: Path) -> dict[str, str]:
+    """The environment of every Flower process zk0 starts: its own FLWR_HOME, this ZK0_HOME, quiet logs, no
+    runtime dependency installation, and this venv first on PATH (Flower starts its helpers by name)."""
+    return (
+        dict(os.environ)
+        | env.QUIET
+        | {
+            "FLWR_HOME": str(flwr_home),
+            "ZK0_HOME": str(cfg.home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        }
+    )
+
+
+def stream_flwr_run(
+    cmd: list[str], flower_env_: dict[str, str], log_path: Path, progress: Callable[[str], None] | None
+) -> str:
+    """Run `flwr run ... --stream`, copy its output to the log, relay the ServerApp's [zk0] lines; returns
+    Flower's run id ('' when the run did not start)."""
+    flower_run_id = ""
+    with open(log_path, "a", encoding="utf-8", buffering=1) as log:
+        proc = subprocess.Popen(
+            cmd, env=flower_env_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        )
+        for line in proc.stdout:
+            log.write(line)
+            clean = _ANSI.sub("", line).rstrip()
+            if m := re.search(r"Successfully started run (\d+)", clean):
+                flower_run_id = m.group(1)
+            if "[zk0] " in clean and progress is not None:
+                progress(clean.split("[zk0] ", 1)[1])
+        proc.wait()
+    return flower_run_id
+
+
+@contextmanager
+def failing_run(run: RunRecord):
+    """Whatever escapes the block marks the run failed with its reason (unless the ServerApp already did)."""
+    try:
+        yield
+    except BaseException as e:
+        if run.summary().get("status") == "running":
+            run.fail(f"{type(e).__name__}: {e}")
+        raise
+
+
+def finish_run(run: RunRecord, t0: float, log_path: Path, status: str) -> RunResult:
+    """The run's result; a run the ServerApp never finished is marked failed with the first error Flower
+    logged, and any run that did not complete raises FederatedRunError."""
+    summary = run.summary()
+    if summary.get("status") == "running":
+        summary = run.update_summary(
+            status="failed",
+            error=f"Flower run ended with status {status!r} before the ServerApp finished: {_last_error(log_path)}",
+        )
+    result = RunResult.of(run, time.perf_counter() - t0)
+    if result.status != "completed":
+        raise FederatedRunError(
+            f"run {run.run_id} {result.status}: {summary.get('error', status)}\nrecord: {run.path}\nlog: {log_path}"
+        )
+    return result
+
+
 class LocalSuperLink:
     """A private simulation SuperLink on loopback; a context manager that always cleans up."""
 
@@ -154,21 +220,7 @@ class LocalSuperLink:
         self.home = cfg.cache_dir / "flwr" / f"link-{self.port}"
         self.connection = "zk0-local"
         self.proc: subprocess.Popen | None = None
-        self.env = self._env()
-
-    def _env(self) -> dict[str, str]:
-        e = dict(os.environ)
-        e |= env.QUIET | {
-            "FLWR_HOME": str(self.home),
-            "ZK0_HOME": str(self.cfg.home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PYTHONUNBUFFERED": "1",
-            # the SuperLink starts `flower-superexec` and `flwr-simulation` by name
-            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        }
-        if os.environ.get("HF_HUB_OFFLINE"):
-            e["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
-        return e
+        self.env = flower_env(cfg, self.home)
 
     def __enter__(self) -> LocalSuperLink:
         (self.home / "app").mkdir(parents=True, exist_ok=True)
@@ -293,52 +345,26 @@ def run_federated(
     t0 = time.perf_counter()
     run = start_run(cfg, "federated", progress, run)
     log_path = run.path / "flower.log"
-    flower_run_id, status = "", "unknown"
-    try:
-        with LocalSuperLink(cfg, log_path) as link:
-            fed = (
-                f"num-supernodes={len(cfg.data.clients)} client-resources-num-cpus={cfg.fl.client_num_cpus} "
-                f"client-resources-num-gpus={cfg.fl.client_num_gpus}"
-            )
-            run_conf = f'config-json="{encode_config(cfg)}" run-dir="{run.path}" resume="{str(resume).lower()}"'
-            cmd = [
-                _bin("flwr"),
-                "run",
-                str(stage_app(link.home / "app")),
-                link.connection,
-                "--stream",
-                "--federation-config",
-                fed,
-                "--run-config",
-                run_conf,
-            ]
-            with open(log_path, "a", encoding="utf-8", buffering=1) as log:
-                proc = subprocess.Popen(
-                    cmd, env=link.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-                )
-                for line in proc.stdout:
-                    log.write(line)
-                    clean = _ANSI.sub("", line).rstrip()
-                    if m := re.search(r"Successfully started run (\d+)", clean):
-                        flower_run_id = m.group(1)
-                    if "[zk0] " in clean and progress is not None:
-                        progress(clean.split("[zk0] ", 1)[1])
-                proc.wait()
-            if flower_run_id:
-                status = link.run_status(flower_run_id)
-    except BaseException as e:
-        if run.summary().get("status") == "running":
-            run.fail(f"{type(e).__name__}: {e}")
-        raise
-    summary = run.summary()
-    if summary.get("status") == "running":
-        summary = run.update_summary(
-            status="failed",
-            error=f"Flower run ended with status {status!r} before the ServerApp finished: {_last_error(log_path)}",
+    status = "unknown"
+    with failing_run(run), LocalSuperLink(cfg, log_path) as link:
+        fed = (
+            f"num-supernodes={len(cfg.data.clients)} client-resources-num-cpus={cfg.fl.client_num_cpus} "
+            f"client-resources-num-gpus={cfg.fl.client_num_gpus}"
         )
-    result = RunResult.of(run, time.perf_counter() - t0)
-    if result.status != "completed":
-        raise FederatedRunError(
-            f"run {run.run_id} {result.status}: {summary.get('error', status)}\nrecord: {run.path}\nlog: {log_path}"
-        )
-    return result
+        run_conf = f'config-json="{encode_config(cfg)}" run-dir="{run.path}" resume="{str(resume).lower()}"'
+        app = str(stage_app(link.home / "app"))
+        cmd = [
+            _bin("flwr"),
+            "run",
+            app,
+            link.connection,
+            "--stream",
+            "--federation-config",
+            fed,
+            "--run-config",
+            run_conf,
+        ]
+        flower_run_id = stream_flwr_run(cmd, link.env, log_path, progress)
+        if flower_run_id:
+            status = link.run_status(flower_run_id)
+    return finish_run(run, t0, log_path, status)
