@@ -58,7 +58,7 @@ class _Baseline:
         self.bundle = model.build_policy(cfg, self.clients[0].meta, stats)
         build = time.perf_counter() - t
         t = time.perf_counter()
-        self.heldout = HeldOutSets(cfg, self.bundle.config)
+        self.heldout = HeldOutSets(cfg, self.bundle.config, opened=self.clients)
         self.train_sets = [
             data.open_dataset(c, c.train_episodes, self.bundle.config, cfg.data.video_backend) for c in self.clients
         ]

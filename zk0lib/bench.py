@@ -217,8 +217,8 @@ def bench_dataloader(
     from zk0lib.simulation import prepare
 
     prepare(cfg)
-    client = data.open_client(cfg, 0)
-    stats = data.pooled_stats([data.open_client(cfg, i).meta for i in range(len(cfg.data.clients))])
+    clients = [data.open_client(cfg, i) for i in range(len(cfg.data.clients))]
+    client, stats = clients[0], data.pooled_stats([c.meta for c in clients])
     bundle = model.build_policy(cfg, client.meta, stats)
     dataset = data.open_dataset(client, client.train_episodes, bundle.config, cfg.data.video_backend)
     t0 = time.perf_counter()
@@ -239,12 +239,13 @@ def bench_dataloader(
         "decoded_samples_per_second": decode_rate,
         "consumed_samples_per_second": {},
     }
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
-        cfg.model.device = device
-        b = model.build_policy(cfg, client.meta, stats)
-        rate = _consume_rate(b, kept, steps, cfg)
-        result["consumed_samples_per_second"][device] = rate
+    bundles = {bundle.device.type: bundle}  # the one built for the loader counts for its device
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        if device not in bundles:
+            cfg.model.device = device
+            bundles[device] = model.build_policy(cfg, client.meta, stats)
+    for device, b in bundles.items():
+        result["consumed_samples_per_second"][device] = _consume_rate(b, kept, steps, cfg)
     result["decode_over_consume"] = {d: decode_rate / r for d, r in result["consumed_samples_per_second"].items()}
     return result
 

@@ -17,6 +17,21 @@ def _config(args: argparse.Namespace):
     return load_config(args.preset, overrides)
 
 
+def _indented(line: str) -> None:
+    print(f"  {line}", flush=True)
+
+
+def _report(result, t0: float, how: str = "") -> int:
+    """The last lines of a finished run: its final evaluation and where its record is."""
+    final = result.summary.get("final") or {}
+    print(
+        f"done in {time.perf_counter() - t0:.0f}s{how}: eval loss {final.get('loss', float('nan')):.4f}, "
+        f"action MAE {final.get('action_mae', float('nan')):.3f}"
+    )
+    print(f"run directory: {result.path}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from zk0lib.simulation import resume_federated, run_federated
 
@@ -24,23 +39,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.set or args.run_id:
             raise ConfigError("--resume continues a run with its own config: leave out --set and --run-id")
-        result = resume_federated(args.resume, progress=lambda line: print(f"  {line}", flush=True))
-        print(f"done in {time.perf_counter() - t0:.0f}s; run directory: {result.path}")
-        return 0
+        return _report(resume_federated(args.resume, progress=_indented), t0)
     cfg = _config(args)
     print(
         f"zk0 train: preset {cfg.preset}, {len(cfg.data.clients)} clients, {cfg.fl.strategy}, "
         f"{cfg.fl.num_rounds} rounds x {cfg.train.local_steps} steps",
         flush=True,
     )
-    result = run_federated(cfg, progress=lambda line: print(f"  {line}", flush=True))
-    final = result.summary.get("final") or {}
-    print(
-        f"done in {time.perf_counter() - t0:.0f}s: eval loss {final.get('loss', float('nan')):.4f}, "
-        f"action MAE {final.get('action_mae', float('nan')):.3f}"
-    )
-    print(f"run directory: {result.path}")
-    return 0
+    return _report(run_federated(cfg, progress=_indented), t0)
 
 
 def cmd_baseline(args: argparse.Namespace) -> int:
@@ -50,14 +56,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     b = budget(cfg)
     print(f"zk0 baseline {args.kind}: preset {cfg.preset}, {b['total_samples']} samples ({b['total_steps']} steps)")
     t0 = time.perf_counter()
-    result = run_baseline(args.kind, cfg, progress=lambda line: print(f"  {line}", flush=True))
-    final = result.summary.get("final") or {}
-    print(
-        f"done in {time.perf_counter() - t0:.0f}s: eval loss {final.get('loss', float('nan')):.4f}, "
-        f"action MAE {final.get('action_mae', float('nan')):.3f}"
-    )
-    print(f"run directory: {result.path}")
-    return 0
+    return _report(run_baseline(args.kind, cfg, progress=_indented), t0)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -95,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench.bench_comms(args.run)
         text = bench.comms_markdown(result)
     elif name == "overhead":
-        result = bench.bench_overhead(args.preset, list(args.set or []), progress=lambda x: print(f"  {x}", flush=True))
+        result = bench.bench_overhead(args.preset, list(args.set or []), progress=_indented)
         text = bench.overhead_markdown(result)
     elif name == "dataloader":
         result = bench.bench_dataloader(args.preset, list(args.set or []), args.batches)
@@ -120,13 +119,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         print(json.dumps(outcome, indent=2))
         joined = [n for n in outcome["superlink_nodes"] if str(n.get("status", "")).lower() == "online"]
         return 1 if joined else 0
-    result = deploy_local(cfg, progress=lambda line: print(f"  {line}", flush=True))
-    final = result.summary.get("final") or {}
-    print(
-        f"done in {time.perf_counter() - t0:.0f}s over TLS with authenticated SuperNodes: "
-        f"eval loss {final.get('loss', float('nan')):.4f}; run directory: {result.path}"
-    )
-    return 0
+    return _report(deploy_local(cfg, progress=_indented), t0, " over TLS with authenticated SuperNodes")
 
 
 def cmd_config(args: argparse.Namespace) -> int:

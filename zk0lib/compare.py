@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from zk0lib.config import STRATEGIES, ConfigError, ExperimentConfig, load_config, parse_overrides, zk0_home
+from zk0lib.report import bytes_per_round
 from zk0lib.runs import RunRecord, atomic_write_text, utc_now
 
 BASELINES = ("centralized", "local-only")
@@ -109,20 +110,14 @@ def compare(
     return record
 
 
-def _final_round(run: RunRecord, key: str) -> dict[str, Any]:
-    done = [r for r in run.rounds() if key in r]
-    return done[-1][key] if done else {}
-
-
 def run_numbers(run: RunRecord) -> dict[str, Any]:
-    """The numbers a comparison row needs from one run's records."""
-    summary = run.summary()
-    ev = _final_round(run, "eval")
+    """The numbers a comparison row needs from one run's records (its last evaluated round, its summary)."""
+    rounds, summary = run.rounds(), run.summary()
+    ev = next((r["eval"] for r in reversed(rounds) if "eval" in r), {})
     mean = ev.get("mean", {})
     own = ev.get("own", mean)  # a shared model is judged on each owner's data: its own == its mean
     extra = next(iter(ev.get("extra", {}).values()), {})
-    rollout = _final_round(run, "rollout")
-    trained = [r for r in run.rounds() if r["round"] > 0]
+    success = (summary.get("final_rollout") or {}).get("clients") or {}
     return {
         "loss": mean.get("loss"),
         "loss_ci": mean.get("loss_ci"),
@@ -130,16 +125,10 @@ def run_numbers(run: RunRecord) -> dict[str, Any]:
         "action_mae": mean.get("action_mae"),
         "action_mae_ci": mean.get("action_mae_ci"),
         "unseen_loss": extra.get("loss"),
-        "success_wins": round(rollout["clients"]["success_rate"] * rollout["clients"]["episodes"])
-        if rollout.get("clients")
-        else None,
-        "success_n": rollout.get("clients", {}).get("episodes"),
-        "bytes_per_round": float(np.mean([r.get("bytes_sent", 0) + r.get("bytes_received", 0) for r in trained]))
-        if trained
-        else 0.0,
+        "success_wins": round(success["success_rate"] * success["episodes"]) if success else None,
+        "success_n": success.get("episodes"),
+        "bytes_per_round": bytes_per_round(rounds),
         "train_samples": (summary.get("totals") or {}).get("train_samples"),
-        "wall_seconds": summary.get("wall_seconds"),
-        "status": summary.get("status", "unknown"),
     }
 
 

@@ -20,23 +20,27 @@ from zk0lib.runs import RunRecord, utc_now
 class HeldOutSets:
     """The datasets a run is judged on: each client's held-out episodes and every eval-only dataset."""
 
-    def __init__(self, cfg: ExperimentConfig, policy_config: Any, clients: bool = True):
+    def __init__(self, cfg: ExperimentConfig, policy_config: Any, clients: bool = True, opened: list | None = None):
+        """`clients`: judge on the clients' held-out episodes too (the server reads their datasets);
+        `opened`: their ClientData when the caller has opened them already."""
         self.cfg = cfg
         self.clients: dict[str, Any] = {}
         if clients:
-            for i, client in enumerate(cfg.data.clients):
-                try:
-                    local = data.open_client(cfg, i)
-                except data.DatasetNotAvailableError as e:
-                    raise RuntimeError(
-                        f"eval.where=server but the server cannot read client {client.name!r}'s dataset; "
-                        f"use eval.where=clients when the data stays on the clients.\n{e}"
-                    ) from e
-                self.clients[client.name] = self._open(local, policy_config)
+            for local in opened or [self._open_client(i) for i in range(len(cfg.data.clients))]:
+                self.clients[local.name] = self._open(local, policy_config)
         self.extra = {
             spec.name: self._open(data.open_eval_only(cfg, i), policy_config)
             for i, spec in enumerate(cfg.data.eval_only)
         }
+
+    def _open_client(self, index: int) -> data.ClientData:
+        try:
+            return data.open_client(self.cfg, index)
+        except data.DatasetNotAvailableError as e:
+            raise RuntimeError(
+                f"eval.where=server but the server cannot read client {self.cfg.data.clients[index].name!r}'s "
+                f"dataset; use eval.where=clients when the data stays on the clients.\n{e}"
+            ) from e
 
     def _open(self, local: data.ClientData, policy_config: Any) -> Any:
         return data.open_dataset(local, local.heldout_episodes, policy_config, self.cfg.data.video_backend)
@@ -125,12 +129,11 @@ class RoundBook:
 
             self.tracker = WandbLogger(cfg, run)
 
-    def train_record(self, server_round: int, clients: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    @staticmethod
+    def train_record(server_round: int, clients: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The round's record head: per-client training metrics and their sample-weighted aggregate."""
         samples = sum(m.get("samples", 0) for m in clients.values()) or 1
         keys = sorted({k for m in clients.values() for k in m if k != "partition-id"})
-        self.totals["train_samples"] += sum(m.get("samples", 0) for m in clients.values())
-        self.totals["train_steps"] += sum(m.get("steps", 0) for m in clients.values())
         aggregate = {k: sum(m[k] * m.get("samples", 0) for m in clients.values() if k in m) / samples for k in keys}
         return {
             "round": server_round,
@@ -157,7 +160,10 @@ class RoundBook:
             model.save_policy(bundle, self.run.checkpoint("final"))
 
     def commit(self, record: dict[str, Any]) -> None:
-        """Append the round, log it and bring the summary up to date."""
+        """Append the round, log it and bring the totals and the summary up to date."""
+        clients = record.get("train", {}).get("clients", {}).values()
+        self.totals["train_samples"] += sum(m.get("samples", 0) for m in clients)
+        self.totals["train_steps"] += sum(m.get("steps", 0) for m in clients)
         self.totals["bytes_sent"] += record.get("bytes_sent", 0)
         self.totals["bytes_received"] += record.get("bytes_received", 0)
         self.run.append_round(record)
@@ -172,12 +178,13 @@ class RoundBook:
         )
 
     def complete(self, **fields: Any) -> None:
+        rounds = self.run.rounds()
         self.run.update_summary(
             status="completed",
             finished_at=utc_now(),
             wall_seconds=time.perf_counter() - self.t_start,
-            final=final_eval(self.run),
-            final_rollout=final_rollout(self.run),
+            final=final_eval(rounds),
+            final_rollout=final_rollout(rounds),
             best=self.best,
             totals=self.totals,
             **fields,
@@ -231,21 +238,19 @@ def progress_line(cfg: ExperimentConfig, record: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def final_rollout(run: RunRecord) -> dict[str, Any] | None:
-    done = [r for r in run.rounds() if "rollout" in r]
-    if not done:
+def final_rollout(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last closed-loop evaluation of a run's rounds: pooled client success and each lab's summary."""
+    last = next((r for r in reversed(rounds) if "rollout" in r), None)
+    if last is None:
         return None
-    last = done[-1]["rollout"]
     return {
-        "round": done[-1]["round"],
-        "clients": last.get("clients"),
-        "labs": {name: v["summary"] for name, v in last["labs"].items()},
+        "round": last["round"],
+        "clients": last["rollout"].get("clients"),
+        "labs": {name: v["summary"] for name, v in last["rollout"]["labs"].items()},
     }
 
 
-def final_eval(run: RunRecord) -> dict[str, Any] | None:
-    evaluated = [r for r in run.rounds() if "eval" in r]
-    if not evaluated:
-        return None
-    last = evaluated[-1]
-    return {"round": last["round"], **last["eval"]["mean"]}
+def final_eval(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The mean over clients of the last evaluated round."""
+    last = next((r for r in reversed(rounds) if "eval" in r), None)
+    return None if last is None else {"round": last["round"], **last["eval"].get("mean", {})}

@@ -422,7 +422,7 @@ class _Zk0Mixin:
         return super().aggregate_train(server_round, accepted)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
-        if not self.zk0.eval_due(server_round):
+        if not eval_due(self.zk0.cfg, server_round):
             return []
         return self._encode_messages(super().configure_evaluate(server_round, arrays, config, grid), arrays, "evaluate")
 
@@ -471,6 +471,7 @@ class FederatedServer:
         self.names: dict[int, str] = {}  # node id -> client name
         self.round_state: dict[str, Any] = {}
         self.book = RoundBook(cfg, run)
+        self.resume_seconds: list[float] = []  # time to write checkpoints/resume, per round of this process
 
     # -- setup
     def wait_for_nodes(self) -> list[int]:
@@ -604,8 +605,8 @@ class FederatedServer:
         self.end_of_round(server_round, arrays)
         t = time.perf_counter()
         save_resume_state(self.run, server_round, arrays, strategy_state(strategy), self.book)
-        spent = self.run.summary().get("resume_checkpoint_seconds", [])
-        self.run.update_summary(resume_checkpoint_seconds=[*spent, time.perf_counter() - t][-1000:])
+        self.resume_seconds.append(time.perf_counter() - t)
+        self.run.update_summary(resume_checkpoint_seconds=self.resume_seconds)
         return arrays
 
     def restore(self, strategy: Any) -> tuple[int, ArrayRecord]:
@@ -621,9 +622,6 @@ class FederatedServer:
     # -- per round
     def start_round(self, server_round: int) -> None:
         self.round_state = {"t0": time.perf_counter(), "train": {}, "failures": [], "client_evals": {}}
-
-    def eval_due(self, server_round: int) -> bool:
-        return eval_due(self.cfg, server_round)
 
     def accept_train_replies(self, server_round: int, replies: list[Message]) -> list[Message]:
         """Decode, check and order the replies; errors and malformed updates are recorded and left out."""
@@ -685,7 +683,7 @@ class FederatedServer:
         model.set_trainable(self.bundle.policy, decode_arrays(arrays))
         evals: dict[str, Any] = {}
         extra: dict[str, Any] = {}
-        if self.eval_due(server_round):
+        if eval_due(cfg, server_round):
             evals, extra = self.heldout.evaluate(self.bundle)
             if cfg.eval.where == "clients":
                 evals = st.get("client_evals", {})

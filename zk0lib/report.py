@@ -100,9 +100,7 @@ def run_row(run: RunRecord) -> dict[str, Any]:
     final = summary.get("final") or {}
     best = summary.get("best") or {}
     rollout = (summary.get("final_rollout") or {}).get("clients") or {}
-    rounds = run.rounds()
-    trained = [r for r in rounds if r["round"] > 0]
-    per_round = np.mean([r.get("bytes_sent", 0) + r.get("bytes_received", 0) for r in trained]) if trained else 0.0
+    per_round = bytes_per_round(run.rounds())
     return {
         "run_id": run.run_id,
         "kind": raw.get("kind", "federated"),
@@ -130,6 +128,12 @@ def run_row(run: RunRecord) -> dict[str, Any]:
         "started_at": summary.get("started_at"),
         "error": summary.get("error", ""),
     }
+
+
+def bytes_per_round(rounds: list[dict[str, Any]]) -> float:
+    """Mean bytes sent plus received per trained round (0 for runs that exchange nothing)."""
+    trained = [r.get("bytes_sent", 0) + r.get("bytes_received", 0) for r in rounds if r["round"] > 0]
+    return float(np.mean(trained)) if trained else 0.0
 
 
 def _ci(ci: list[float] | None) -> str:

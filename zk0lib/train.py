@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from zk0lib.config import ExperimentConfig
-from zk0lib.data import BatchStream, batch_stream
+from zk0lib.data import BatchStream
 from zk0lib.model import PolicyBundle, trainable_parameters
 
 
@@ -65,7 +65,7 @@ def make_optimizer(policy: Any, total_steps: int, start_step: int) -> tuple[torc
 
 def train_round(
     bundle: PolicyBundle,
-    dataset: Any,
+    batches: BatchStream,
     cfg: ExperimentConfig,
     server_round: int,
     client_index: int,
@@ -74,18 +74,14 @@ def train_round(
 ) -> dict[str, float]:
     """`train.local_steps` optimizer steps from the current (global) weights; returns the round's metrics.
 
-    `dataset` is a dataset or, to keep loader workers across rounds, a BatchStream over it."""
+    `batches` is the client's stream, kept across rounds; the round draws from it with its own seed."""
     steps = cfg.train.local_steps
     optimizer, scheduler = make_optimizer(bundle.policy, cfg.fl.num_rounds * steps, (server_round - 1) * steps)
     seed = round_seed(cfg, server_round, client_index)
     torch.manual_seed(seed)  # the policy samples flow-matching noise and time from the global RNG
-    if isinstance(dataset, BatchStream):
-        stream = dataset.batches(seed)
-    else:
-        stream = batch_stream(dataset, cfg.train.batch_size, cfg.train.num_workers, seed)
     return train_steps(
         bundle,
-        stream,
+        batches.batches(seed),
         optimizer,
         scheduler,
         steps,
