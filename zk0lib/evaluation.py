@@ -70,8 +70,10 @@ def eval_due(cfg: ExperimentConfig, server_round: int) -> bool:
     return server_round == 0 or server_round % every == 0 or server_round == last
 
 
-def lab_rollout(cfg: ExperimentConfig, bundle: model.PolicyBundle, spec: Any, videos: Path | None) -> dict[str, Any]:
-    """Closed-loop episodes of the bundle's policy in one simulated lab."""
+def lab_rollout(
+    cfg: ExperimentConfig, bundle: model.PolicyBundle, spec: Any, videos: Path | None, episodes: int | None = None
+) -> dict[str, Any]:
+    """Closed-loop episodes (eval.rollout_episodes unless given) of the bundle's policy in one simulated lab."""
     from zk0lib.sim.rollout import rollout
 
     e = cfg.eval
@@ -79,7 +81,7 @@ def lab_rollout(cfg: ExperimentConfig, bundle: model.PolicyBundle, spec: Any, vi
         bundle.policy,
         (bundle.preprocessor, bundle.postprocessor),
         spec.lab,
-        e.rollout_episodes,
+        e.rollout_episodes if episodes is None else episodes,
         seed=e.seed,
         image_size=cfg.data.sim_image_size,
         cache_dir=cfg.cache_dir,

@@ -28,6 +28,11 @@ def _ci(ci: list[float] | None, digits: int = 4) -> str:
     return "" if not ci or ci[0] is None else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
+def _count(summary: dict[str, Any], key: str) -> str:
+    value = (summary.get("parameters") or {}).get(key)
+    return f"{value:,}" if isinstance(value, int) else "n/a"
+
+
 def model_card(run: RunRecord, repo_id: str, checkpoint: str) -> Any:
     """A huggingface_hub ModelCard stating the run's configuration and its measured results."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -72,8 +77,7 @@ def model_card(run: RunRecord, repo_id: str, checkpoint: str) -> Any:
         f"| strategy | {f.strategy} (proximal mu {f.proximal_mu}) |",
         f"| rounds x local optimizer steps | {f.num_rounds} x {t.local_steps} |",
         f"| batch size, learning rate | {t.batch_size}, {t.lr if t.lr is not None else 'policy preset'} |",
-        f"| trainable / total parameters | {summary.get('parameters', {}).get('trainable', 'n/a'):,} / "
-        f"{summary.get('parameters', {}).get('total', 'n/a'):,} |",
+        f"| trainable / total parameters | {_count(summary, 'trainable')} / {_count(summary, 'total')} |",
         f"| weights exchanged | trainable only, {f.transport_dtype} |",
         f"| seed | {cfg.seed} |",
         f"| software | lerobot {env['packages'].get('lerobot')}, flwr {env['packages'].get('flwr')}, "

@@ -43,7 +43,7 @@ class WandbLogger:
             config=cfg.to_dict(),
             dir=str(run.path),
             mode=cfg.output.wandb_mode,
-            job_type="federated",
+            job_type=run.summary().get("kind", "federated"),  # federated, centralized or local-only
         )
 
     def log_round(self, record: dict[str, Any]) -> None:

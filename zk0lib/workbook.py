@@ -132,27 +132,12 @@ def prediction_videos(run: RunRecord, bundle: Any, episodes_per_client: int = 1,
 
 def rollout_videos(run: RunRecord, bundle: Any, episodes: int = 1, out: Path | None = None) -> dict[str, Any]:
     """Closed-loop episodes of the run's policy in each simulated lab of its config, with an mp4 each."""
+    from zk0lib.evaluation import lab_rollout, sim_labs
     from zk0lib.runs import write_json
-    from zk0lib.sim.rollout import rollout
 
     cfg = run.config()
     out = Path(out or run.path / "videos" / "closed_loop")
-    results = {}
-    for spec in [*cfg.data.clients, *cfg.data.eval_only]:
-        if spec.source != "sim":
-            continue
-        results[spec.name] = rollout(
-            bundle.policy,
-            (bundle.preprocessor, bundle.postprocessor),
-            spec.lab,
-            episodes,
-            seed=cfg.eval.seed,
-            image_size=cfg.data.sim_image_size,
-            cache_dir=cfg.cache_dir,
-            max_frames=cfg.eval.rollout_max_frames,
-            video_dir=out,
-            device=bundle.device,
-        )
+    results = {name: lab_rollout(cfg, bundle, spec, out, episodes) for name, (spec, _) in sim_labs(cfg).items()}
     if results:
         write_json(out / "rollouts.json", results)
     return results
