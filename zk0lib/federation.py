@@ -32,7 +32,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
 from zk0lib import data, env, model, train
 from zk0lib.config import ExperimentConfig, load_config, parse_faults, validate
 from zk0lib.evaluation import HeldOutSets, RoundBook, closed_loop, eval_due, rollout_due
-from zk0lib.runs import RunRecord, load_resume_state, save_resume_state, utc_now
+from zk0lib.runs import RunRecord, load_resume_state, resume_round, save_resume_state, utc_now
 
 RAW = "zk0.raw"  # stype of an array holding the parameter itself
 RAW_DELTA = "zk0.raw-delta"  # stype of an array holding (local - global)
@@ -240,6 +240,10 @@ def client_describe(msg: Message, context: Context) -> Message:
             "robot-type": str(meta.robot_type or ""),
         }
     )
+    first_round = int(msg.content["config"].get("first-round", 0))
+    if first_round and not checked.errors:  # start-up work, done while the server builds its policy
+        local.datasets(model.policy_config(cfg, model.resolve_device(cfg.model.device)), cfg.data.video_backend)
+        local.train_stream(cfg).prefetch(train.round_seed(cfg, first_round, pid))
     return Message(RecordDict({"info": info, "stats": stats_to_record(meta.stats)}), reply_to=msg)
 
 
@@ -485,12 +489,12 @@ class FederatedServer:
                 raise TimeoutError(f"only {len(nodes)} of {need} clients connected within fl.round_timeout_s")
             time.sleep(1.0)
 
-    def describe_clients(self, nodes: list[int]) -> list[dict[str, Any]]:
+    def describe_clients(self, nodes: list[int], first_round: int = 0) -> list[dict[str, Any]]:
+        """Every client's features and stats; with `first_round`, clients also open their datasets and start
+        decoding that round's first batches, so round 1 starts as warm as the others."""
+        config = ConfigRecord({"zk0": "describe", "first-round": first_round})
         messages = [
-            Message(
-                RecordDict({"config": ConfigRecord({"zk0": "describe"})}), dst_node_id=n, message_type=MessageType.QUERY
-            )
-            for n in nodes
+            Message(RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
         ]
         infos = []
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout_s):
@@ -544,7 +548,8 @@ class FederatedServer:
         nodes = self.wait_for_nodes()
         started["wait_for_clients"] = time.perf_counter() - t
         t = time.perf_counter()
-        infos = self.describe_clients(nodes)
+        done = resume_round(self.run) if self.resume else None
+        infos = self.describe_clients(nodes, first_round=(done or 0) + 1)
         started["describe_clients"] = time.perf_counter() - t
         t = time.perf_counter()
         self.stats_record = stats_to_record(data.pooled_stats([_StatsOnly(i["stats"]) for i in infos]))

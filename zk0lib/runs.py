@@ -225,6 +225,12 @@ def save_resume_state(run: RunRecord, server_round: int, arrays: Any, strategy: 
     shutil.rmtree(old, ignore_errors=True)
 
 
+def resume_round(run: RunRecord) -> int | None:
+    """The last round a resume state was saved after (None when there is none), without loading it."""
+    state = run.checkpoint("resume") / "state.json"
+    return read_json(state)["round"] if state.exists() else None
+
+
 def load_resume_state(run: RunRecord) -> dict[str, Any] | None:
     """The last complete round's resume state (RNG states restored), or None when there is none."""
     from safetensors.numpy import load_file
