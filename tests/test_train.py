@@ -33,13 +33,20 @@ def test_fedprox_gradient_is_mu_times_drift(fresh_bundle, train_set):
 
     def grads(mu_):
         policy.zero_grad(set_to_none=True)
-        total, _, _ = train.fedprox_loss(policy, copy.copy(batch), global_params, mu_, noise, time_)
-        total.backward()
+        train.fedprox_backward(policy, copy.copy(batch), global_params, mu_, None, noise, time_)
         return [p.grad.detach().clone() for p in params]
 
-    with_prox, plain = grads(mu), grads(0.0)
-    for g_prox, g_plain, p, w in zip(with_prox, plain, params, global_params, strict=True):
+    def traced_grads(mu_):  # the objective written out and differentiated by autograd
+        policy.zero_grad(set_to_none=True)
+        loss, _ = policy.forward(copy.copy(batch), noise=noise, time=time_)
+        prox = sum(((p - w) ** 2).sum() for p, w in zip(params, global_params, strict=True))
+        (loss + 0.5 * mu_ * prox).backward()
+        return [p.grad.detach().clone() for p in params]
+
+    with_prox, plain, traced = grads(mu), grads(0.0), traced_grads(mu)
+    for g_prox, g_plain, g_traced, p, w in zip(with_prox, plain, traced, params, global_params, strict=True):
         torch.testing.assert_close(g_prox - g_plain, mu * (p.detach() - w), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(g_prox, g_traced, rtol=1e-5, atol=1e-7)
     frozen = [p for p in policy.parameters() if not p.requires_grad]
     assert frozen and all(p.grad is None for p in frozen)
 
@@ -50,10 +57,11 @@ def test_proximal_term_value(fresh_bundle, train_set):
     global_params = [p.detach().clone() - 0.01 for p in params]
     batch = fresh_bundle.preprocessor(_batch(train_set))
     noise, time_ = _fixed(policy, 4)
-    total, loss, prox = train.fedprox_loss(policy, batch, global_params, 2.0, noise, time_)
+    policy.zero_grad(set_to_none=True)
+    loss, prox = train.fedprox_backward(policy, copy.copy(batch), global_params, 2.0, None, noise, time_)
     n = sum(p.numel() for p in params)
     assert prox.item() == pytest.approx(n * 1e-4, rel=1e-3)
-    assert total.item() == pytest.approx(loss.item() + prox.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(policy.forward(copy.copy(batch), noise=noise, time=time_)[0].item(), rel=1e-6)
 
 
 def test_mu_zero_is_lerobot_plain_training(smoke_cfg, clients, stats, train_set):
