@@ -62,7 +62,7 @@ compare: install
 
 bench: install
 	$(BIN)/zk0 bench comms
-	$(BIN)/zk0 bench overhead --preset demo
+	$(BIN)/zk0 bench overhead --preset demo --repeats 3
 	$(BIN)/zk0 bench dataloader --preset demo
 	$(BIN)/zk0 bench gpu-step
 

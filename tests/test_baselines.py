@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from zk0lib import baselines, report
+from zk0lib import baselines, bench, report
 from zk0lib.compare import compare, compare_table, table_markdown
 from zk0lib.config import ConfigError, load_config
 from zk0lib.runs import RunRecord
+from zk0lib.simulation import RunResult
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,28 @@ def test_compare_runs_seeds_and_refuses_bad_input(home, tmp_path):
     row = record["table"][0]
     assert row["seeds"] == "2/2" and row["loss_sd"] is not None and row["loss_sd"] > 0  # seeds differ
     assert "±" in (tmp_path / "c" / "table.md").read_text()
+
+
+def test_overhead_numbers_from_a_federated_and_a_centralized_record(three_kinds):
+    """`zk0 bench overhead`'s arithmetic on the real records: training-phase rates, ratio, time split."""
+    fed, cen = (three_kinds[k] for k in ("federated", "centralized"))
+    fed_r, cen_r = (RunResult.of(r, r.summary()["wall_seconds"] + 5.0) for r in (fed, cen))
+    pair = bench.overhead_pair(fed_r, cen_r)
+    phase = {
+        k: sum(r["seconds"]["train"] for r in run.rounds() if r["round"] > 0) for k, run in (("f", fed), ("c", cen))
+    }
+    samples = fed.summary()["totals"]["train_samples"]
+    assert pair["samples"] == {"federated": samples, "centralized": samples}
+    assert pair["samples_per_second"]["federated"] == pytest.approx(samples / phase["f"])
+    assert pair["ratio_excluding_startup"] == pytest.approx(phase["c"] / phase["f"])
+    split = pair["federated_time_split"]
+    assert split["before_serverapp"] == pytest.approx(5.0)  # what the ServerApp's own clock cannot see
+    clients = [m for r in fed.rounds() if r["round"] > 0 for m in r["train"]["clients"].values()]
+    assert split["training"] == pytest.approx(sum(m["seconds"] for m in clients))
+    assert 0 < split["waiting_for_batches"] < split["training"] < split["train_phase"] == pytest.approx(phase["f"])
+    assert all(v >= 0 for v in split.values())
+    assert "| samples/s (training phase) |" in bench.overhead_markdown(
+        pair | {"pairs": [pair | {"first": "federated"}] * 2}
+    )
+    with pytest.raises(ConfigError, match="--repeats must be >= 1"):
+        bench.bench_overhead("smoke", repeats=0)

@@ -148,42 +148,66 @@ def time_split(result: Any) -> dict[str, float]:
     }
 
 
-def bench_overhead(
-    preset: str = "demo", overrides: list[str] | None = None, progress: Callable[[str], None] | None = print
-) -> dict[str, Any]:
-    """A federated and a centralized run, same config and total steps, side by side.
+def overhead_pair(fed: Any, cen: Any) -> dict[str, Any]:
+    """Training-phase throughput of a federated run and a centralized run of the same budget, their ratio
+    and where the federated run's time went.
 
     Throughput = training samples / seconds of the training phase: for the federated run every round
     from sending the weights to receiving all updates (transfer, (de)serialization, client set-up and
     training included; start-up and evaluation excluded), for the centralized run its optimizer steps.
     """
-    from zk0lib.baselines import run_centralized
-    from zk0lib.simulation import run_federated
-
-    stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
-    sets = [*(overrides or []), "eval.rollout_episodes=0", "output.save_checkpoints=false"]
-    fed_cfg = load_config(preset, [*sets, f"output.run_id={stamp}-federated"])
-    cen_cfg = load_config(preset, [*sets, f"output.run_id={stamp}-centralized"])
-    fed = run_federated(fed_cfg, progress=progress)
-    cen = run_centralized(cen_cfg, progress=progress)
     fed_rounds = [r for r in fed.rounds if r["round"] > 0]
     cen_rounds = [r for r in cen.rounds if r["round"] > 0]
     fed_samples = fed.summary["totals"]["train_samples"]
     cen_samples = cen.summary["totals"]["train_samples"]
     fed_rate = fed_samples / _sum(fed_rounds, "seconds", "train")
     cen_rate = cen_samples / _sum(cen_rounds, "seconds", "train")
-    split = time_split(fed)
     return {
-        "preset": preset,
-        "overrides": overrides or [],
         "runs": {"federated": fed.run_id, "centralized": cen.run_id},
         "samples": {"federated": fed_samples, "centralized": cen_samples},
         "samples_per_second": {"federated": fed_rate, "centralized": cen_rate},
         "ratio_excluding_startup": fed_rate / cen_rate,
         "ratio_including_startup": (fed_samples / fed.wall_seconds) / (cen_samples / cen.wall_seconds),
         "wall_seconds": {"federated": fed.wall_seconds, "centralized": cen.wall_seconds},
-        "federated_time_split": split,
+        "federated_time_split": time_split(fed),
     }
+
+
+def bench_overhead(
+    preset: str = "demo",
+    overrides: list[str] | None = None,
+    repeats: int = 1,
+    progress: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """`repeats` pairs of a federated and a centralized run (same config and total steps), alternating which
+    runs first. The result is the pair with the median ratio (the lower one of two middles), every pair's
+    numbers under `pairs`: one pair's ratio moves by several percent with the machine's state."""
+    from zk0lib.baselines import run_centralized
+    from zk0lib.simulation import run_federated
+
+    if repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1 (got {repeats})")
+    sets = [*(overrides or []), "eval.rollout_episodes=0", "output.save_checkpoints=false"]
+    runners = {"federated": run_federated, "centralized": run_centralized}
+    pairs = []
+    for i in range(repeats):
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-bench"
+        order = ("federated", "centralized") if i % 2 == 0 else ("centralized", "federated")
+        done = {
+            kind: runners[kind](load_config(preset, [*sets, f"output.run_id={stamp}-{kind}"]), progress=progress)
+            for kind in order
+        }
+        pairs.append(overhead_pair(done["federated"], done["centralized"]) | {"first": order[0]})
+    ranked = sorted(pairs, key=lambda p: p["ratio_excluding_startup"])
+    return (
+        {"preset": preset, "overrides": overrides or [], "repeats": repeats}
+        | ranked[(repeats - 1) // 2]
+        | {
+            "pairs": [
+                {k: p[k] for k in ("first", "runs", "samples_per_second", "ratio_excluding_startup")} for p in pairs
+            ]
+        }
+    )
 
 
 def overhead_markdown(result: dict[str, Any]) -> str:
@@ -198,6 +222,19 @@ def overhead_markdown(result: dict[str, Any]) -> str:
         f"federated/centralized samples/s: {result['ratio_excluding_startup']:.3f} without start-up, "
         f"{result['ratio_including_startup']:.3f} with it",
         "",
+    ]
+    if len(result.get("pairs", [])) > 1:
+        ratios = ", ".join(
+            f"{p['ratio_excluding_startup']:.3f} ({p['samples_per_second']['federated']:.1f} / "
+            f"{p['samples_per_second']['centralized']:.1f}, {p['first']} first)"
+            for p in result["pairs"]
+        )
+        lines += [
+            f"{len(result['pairs'])} pairs, ratio without start-up (fed / cen samples/s): {ratios}; "
+            "the median pair is shown",
+            "",
+        ]
+    lines += [
         "| federated time split | seconds |",
         "|---|---|",
     ]
@@ -311,9 +348,7 @@ def synthetic_batch(policy: Any, batch_size: int, device: torch.device, seed: in
 def _zk0_step(policy: Any, batch: dict, optimizer: Any, global_params: list, mu: float, bf16: bool) -> None:
     params = [p for _, p in model.trainable_parameters(policy)]
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
-    with ctx:
-        total, _, _ = train.fedprox_loss(policy, batch, global_params, mu)
-    total.backward()
+    train.fedprox_backward(policy, batch, global_params, mu, ctx)
     torch.nn.utils.clip_grad_norm_(params, policy.config.optimizer_grad_clip_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -94,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result = bench.bench_comms(args.run)
         text = bench.comms_markdown(result)
     elif name == "overhead":
-        result = bench.bench_overhead(args.preset, list(args.set or []), progress=_indented)
+        result = bench.bench_overhead(args.preset, list(args.set or []), args.repeats, progress=_indented)
         text = bench.overhead_markdown(result)
     elif name == "dataloader":
         result = bench.bench_dataloader(args.preset, list(args.set or []), args.batches)
@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", help="a federated run folder (default: the latest completed one)")
     p.set_defaults(func=cmd_bench)
     p = with_config(bench_sub.add_parser("overhead", help="federated vs centralized samples/s, federated time split"))
+    p.add_argument("--repeats", type=int, default=1, help="pairs of runs, alternating which goes first; the median")
     p.set_defaults(func=cmd_bench)
     p = with_config(bench_sub.add_parser("dataloader", help="decoded samples/s vs samples/s training consumes"))
     p.add_argument("--batches", type=int, default=30)
