@@ -178,7 +178,7 @@ def table_markdown(df: pd.DataFrame) -> str:
     """The comparison as Markdown: ± is the sd over seeds, [lo, hi] a 95% interval."""
     header = (
         "| run | seeds | eval loss | own-client loss | unseen-lab loss | action MAE | closed-loop success "
-        "| MB per round | samples | wall (min) |"
+        "| MiB per round (up + down) | samples | wall (min) |"
     )
     lines = [header, "|" + "---|" * 10]
     for _, row in df.iterrows():
