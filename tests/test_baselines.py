@@ -128,6 +128,9 @@ def test_overhead_numbers_from_a_federated_and_a_centralized_record(three_kinds)
     assert split["before_serverapp"] == pytest.approx(5.0)  # what the ServerApp's own clock cannot see
     clients = [m for r in fed.rounds() if r["round"] > 0 for m in r["train"]["clients"].values()]
     assert split["training"] == pytest.approx(sum(m["seconds"] for m in clients))
+    busy = sum(m["seconds"] - m["data_seconds"] for m in clients) / sum(m["steps"] for m in clients)
+    assert pair["step_ms_without_waiting"]["federated"] == pytest.approx(1000 * busy)
+    assert pair["step_ms_without_waiting"]["centralized"] > 0
     assert 0 < split["waiting_for_batches"] < split["training"] < split["train_phase"] == pytest.approx(phase["f"])
     assert all(v >= 0 for v in split.values())
     assert "| samples/s (training phase) |" in bench.overhead_markdown(

@@ -14,6 +14,10 @@ def _batch(dataset, n=4):
     return torch.utils.data.default_collate([dataset[i] for i in range(n)])
 
 
+def _stream(dataset, cfg):
+    return data.BatchStream(dataset, cfg.train.batch_size, cfg.train.num_workers)
+
+
 def _fixed(policy, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     c = policy.config
@@ -74,14 +78,7 @@ def test_mu_zero_is_lerobot_plain_training(smoke_cfg, clients, stats, train_set)
     cfg.train.local_steps = 3
     ours = model.build_policy(cfg, clients[0].meta, stats)
     theirs = model.build_policy(cfg, clients[0].meta, stats)
-    metrics = train.train_round(
-        ours,
-        data.BatchStream(train_set, cfg.train.batch_size, cfg.train.num_workers),
-        cfg,
-        server_round=2,
-        client_index=0,
-        mu=0.0,
-    )
+    metrics = train.train_round(ours, _stream(train_set, cfg), cfg, server_round=2, client_index=0, mu=0.0)
     assert metrics["prox_term"] == 0.0 and metrics["steps"] == 3
 
     policy = theirs.policy
@@ -121,14 +118,7 @@ def test_round_changes_only_trainable_weights(fresh_bundle, smoke_cfg, train_set
     before = {n: p.detach().clone() for n, p in fresh_bundle.policy.named_parameters()}
     trainable = dict(model.trainable_parameters(fresh_bundle.policy))
     fingerprint = model.frozen_fingerprint(fresh_bundle.policy)
-    metrics = train.train_round(
-        fresh_bundle,
-        data.BatchStream(train_set, smoke_cfg.train.batch_size, smoke_cfg.train.num_workers),
-        smoke_cfg,
-        1,
-        0,
-        mu=0.01,
-    )
+    metrics = train.train_round(fresh_bundle, _stream(train_set, smoke_cfg), smoke_cfg, 1, 0, mu=0.01)
     changed = [n for n, p in fresh_bundle.policy.named_parameters() if not torch.equal(p, before[n])]
     assert changed and set(changed) <= set(trainable)
     assert model.frozen_fingerprint(fresh_bundle.policy) == fingerprint
@@ -144,14 +134,7 @@ def test_evaluation_is_deterministic(fresh_bundle, smoke_cfg, train_set, heldout
     assert first["episodes"] == 2 and first["frames"] == smoke_cfg.eval.max_frames
     assert first["loss_ci"][0] <= first["loss"] <= first["loss_ci"][1]
     assert len(first["action_mae_joint"]) == 6
-    train.train_round(
-        fresh_bundle,
-        data.BatchStream(train_set, smoke_cfg.train.batch_size, smoke_cfg.train.num_workers),
-        smoke_cfg,
-        1,
-        0,
-        mu=0.0,
-    )
+    train.train_round(fresh_bundle, _stream(train_set, smoke_cfg), smoke_cfg, 1, 0, mu=0.0)
     after = train.evaluate(fresh_bundle, heldout_set, smoke_cfg)
     assert after["loss"] != first["loss"]
 
@@ -189,15 +172,7 @@ def test_undecodable_batches_are_skipped_and_counted(fresh_bundle, smoke_cfg, co
     dataset = data.open_dataset(corrupted_client, corrupted_client.train_episodes, fresh_bundle.config, None)
     cfg = copy.deepcopy(smoke_cfg)
     cfg.train.local_steps, cfg.train.batch_size, cfg.train.max_skipped_fraction = 8, 2, 0.9
-    metrics = train.train_round(
-        fresh_bundle,
-        data.BatchStream(dataset, cfg.train.batch_size, cfg.train.num_workers),
-        cfg,
-        1,
-        0,
-        mu=0.0,
-        client_name="corrupt",
-    )
+    metrics = train.train_round(fresh_bundle, _stream(dataset, cfg), cfg, 1, 0, mu=0.0, client_name="corrupt")
     assert metrics["steps"] == 8 and metrics["skipped_batches"] > 0
 
     cfg.train.max_skipped_fraction = 0.0
@@ -205,12 +180,4 @@ def test_undecodable_batches_are_skipped_and_counted(fresh_bundle, smoke_cfg, co
         RuntimeError,
         match=r"client corrupt in round 1: 1 of \d+ batches could not be read.*decodeAVFrame.*zk0 validate",
     ):
-        train.train_round(
-            fresh_bundle,
-            data.BatchStream(dataset, cfg.train.batch_size, cfg.train.num_workers),
-            cfg,
-            1,
-            0,
-            mu=0.0,
-            client_name="corrupt",
-        )
+        train.train_round(fresh_bundle, _stream(dataset, cfg), cfg, 1, 0, mu=0.0, client_name="corrupt")

@@ -148,6 +148,13 @@ def time_split(result: Any) -> dict[str, float]:
     }
 
 
+def _step_ms(rounds: list[dict]) -> float:
+    """Milliseconds per optimizer step spent computing (the clients' training time less waiting for batches)."""
+    clients = [m for r in rounds for m in r["train"]["clients"].values()]
+    busy = sum(m["seconds"] - m.get("data_seconds", 0.0) for m in clients)
+    return 1000 * busy / max(1, sum(m["steps"] for m in clients))
+
+
 def overhead_pair(fed: Any, cen: Any) -> dict[str, Any]:
     """Training-phase throughput of a federated run and a centralized run of the same budget, their ratio
     and where the federated run's time went.
@@ -163,6 +170,7 @@ def overhead_pair(fed: Any, cen: Any) -> dict[str, Any]:
     fed_rate = fed_samples / _sum(fed_rounds, "seconds", "train")
     cen_rate = cen_samples / _sum(cen_rounds, "seconds", "train")
     return {
+        "step_ms_without_waiting": {"federated": _step_ms(fed_rounds), "centralized": _step_ms(cen_rounds)},
         "runs": {"federated": fed.run_id, "centralized": cen.run_id},
         "samples": {"federated": fed_samples, "centralized": cen_samples},
         "samples_per_second": {"federated": fed_rate, "centralized": cen_rate},
@@ -204,7 +212,17 @@ def bench_overhead(
         | ranked[(repeats - 1) // 2]
         | {
             "pairs": [
-                {k: p[k] for k in ("first", "runs", "samples_per_second", "ratio_excluding_startup")} for p in pairs
+                {
+                    k: p[k]
+                    for k in (
+                        "first",
+                        "runs",
+                        "samples_per_second",
+                        "step_ms_without_waiting",
+                        "ratio_excluding_startup",
+                    )
+                }
+                for p in pairs
             ]
         }
     )
@@ -217,6 +235,8 @@ def overhead_markdown(result: dict[str, Any]) -> str:
         "|---|---|---|",
         f"| training samples | {result['samples']['federated']} | {result['samples']['centralized']} |",
         f"| samples/s (training phase) | {r['federated']:.2f} | {r['centralized']:.2f} |",
+        f"| ms per step, computing | {result['step_ms_without_waiting']['federated']:.1f} | "
+        f"{result['step_ms_without_waiting']['centralized']:.1f} |",
         f"| wall time (s) | {result['wall_seconds']['federated']:.0f} | {result['wall_seconds']['centralized']:.0f} |",
         "",
         f"federated/centralized samples/s: {result['ratio_excluding_startup']:.3f} without start-up, "
@@ -347,8 +367,9 @@ def synthetic_batch(policy: Any, batch_size: int, device: torch.device, seed: in
 
 def _zk0_step(policy: Any, batch: dict, optimizer: Any, global_params: list, mu: float, bf16: bool) -> None:
     params = [p for _, p in model.trainable_parameters(policy)]
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
-    train.fedprox_backward(policy, batch, global_params, mu, ctx)
+    train.fedprox_backward(
+        policy, batch, global_params, mu, torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else None
+    )
     torch.nn.utils.clip_grad_norm_(params, policy.config.optimizer_grad_clip_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

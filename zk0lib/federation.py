@@ -176,6 +176,7 @@ class _Local:
     """One client's datasets in this process."""
 
     def __init__(self, cfg: ExperimentConfig, pid: int):
+        self.pid = pid
         self.data = data.open_client(cfg, pid)
         self.train_set = None
         self.heldout_set = None
@@ -191,6 +192,11 @@ class _Local:
         if self.stream is None:
             self.stream = data.BatchStream(self.train_set, cfg.train.batch_size, cfg.train.num_workers)
         return self.stream
+
+    def prefetch_round(self, cfg: ExperimentConfig, server_round: int) -> None:
+        """Start decoding the first batches of `server_round` while this process waits (none past the last)."""
+        if 1 <= server_round <= cfg.fl.num_rounds:
+            self.train_stream(cfg).prefetch(train.round_seed(cfg, server_round, self.pid))
 
 
 def _local(cfg: ExperimentConfig, pid: int) -> _Local:
@@ -243,7 +249,7 @@ def client_describe(msg: Message, context: Context) -> Message:
     first_round = int(msg.content["config"].get("first-round", 0))
     if first_round and not checked.errors:  # start-up work, done while the server builds its policy
         local.datasets(model.policy_config(cfg, model.resolve_device(cfg.model.device)), cfg.data.video_backend)
-        local.train_stream(cfg).prefetch(train.round_seed(cfg, first_round, pid))
+        local.prefetch_round(cfg, first_round)
     return Message(RecordDict({"info": info, "stats": stats_to_record(meta.stats)}), reply_to=msg)
 
 
@@ -263,6 +269,7 @@ def client_train(msg: Message, context: Context) -> Message:
     pid = partition_of(context, cfg)
     local = _local(cfg, pid)
     conf = msg.content["config"]
+    server_round = int(conf["server-round"])
     bundle = _client_bundle(cfg, local, msg)
     local.datasets(bundle.config, cfg.data.video_backend)
     t_decode = time.perf_counter()
@@ -273,14 +280,13 @@ def client_train(msg: Message, context: Context) -> Message:
         bundle,
         local.train_stream(cfg),
         cfg,
-        int(conf["server-round"]),
+        server_round,
         pid,
         float(conf.get("proximal-mu", 0.0)),
         local.data.name,
     )
-    if int(conf["server-round"]) < cfg.fl.num_rounds:  # decode the next round's first batches while idle
-        local.train_stream(cfg).prefetch(train.round_seed(cfg, int(conf["server-round"]) + 1, pid))
-    fault = injected_fault(cfg, pid, int(conf["server-round"]))
+    local.prefetch_round(cfg, server_round + 1)  # decoded while the server aggregates and evaluates
+    fault = injected_fault(cfg, pid, server_round)
     t_encode = time.perf_counter()
     dtype = cfg.fl.transport_dtype
     arrays = encode_arrays(
