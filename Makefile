@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zk0-installed
 export ZK0_HOME := $(CURDIR)
 
-.PHONY: install demo test lint format lab app app-check smoke compare bench deploy-local clean help
+.PHONY: install demo test lint format lab app app-check smoke compare study base bench deploy-local clean help
 
 help:
 	@echo "make demo     the offline demo: notebooks 01 -> 04 on the simulated labs into reports/demo (CPU)"
@@ -17,6 +17,8 @@ help:
 	@echo "make lint     ruff check and format check"
 	@echo "make smoke    zk0 train --preset smoke (2 clients x 2 rounds, ~1.5 min)"
 	@echo "make compare  fedavg, fedprox, fedadam vs centralized and local-only on the demo (reports/compare)"
+	@echo "make study    the closed-loop study: the same five rows on the study preset (reports/compare)"
+	@echo "make base     remake the shipped tiny base zk0lib/assets/tiny-base (zk0 base, community labs)"
 	@echo "make bench    zk0 bench comms, overhead, dataloader, gpu-step (reports/bench)"
 	@echo "make deploy-local  the demo on Flower's Deployment Engine, TLS + SuperNode auth, on 127.0.0.1"
 
@@ -59,6 +61,12 @@ app-check: install
 
 compare: install
 	$(BIN)/zk0 compare --preset demo --strategies fedavg,fedprox,fedadam
+
+study: install
+	$(BIN)/zk0 compare --preset study --strategies fedavg,fedprox,fedadam
+
+base: install
+	$(BIN)/zk0 base
 
 bench: install
 	$(BIN)/zk0 bench comms

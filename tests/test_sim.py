@@ -109,7 +109,7 @@ def test_cli_check_reports_a_table(home):
     assert "lab-red" in out.stdout and "2/2" in out.stdout
 
 
-def test_tiny_smolvla_trains_on_labs_with_closed_loop_evaluation(home, zk0_cli, recording):
+def test_the_base_fine_tunes_on_labs_with_closed_loop_before_and_after(home, zk0_cli, recording):
     from zk0lib.runs import RunRecord
 
     labs = [{"name": lab, "source": "sim", "lab": lab} for lab in ("lab-red", "lab-blue")]
@@ -135,9 +135,16 @@ def test_tiny_smolvla_trains_on_labs_with_closed_loop_evaluation(home, zk0_cli, 
         "eval.rollout_episodes=1",
         "--set",
         "eval.rollout_max_frames=30",
+        "--set",
+        "model.pretrained=base",
+        "--set",
+        "eval.rollout_round0=true",
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     run = RunRecord(home / "reports" / "runs" / "e2e-labs")
+    first = run.rounds()[0]  # the shipped base, closed loop before any fine-tuning, in the same labs
+    assert first["round"] == 0 and set(first["rollout"]["labs"]) == {"lab-red", "lab-blue", "lab-unseen"}
+    assert run.summary()["start_rollout"]["round"] == 0
     last = run.rounds()[-1]
     assert set(last["train"]["clients"]) == {"lab-red", "lab-blue"}
     assert set(last["eval"]["clients"]) == {"lab-red", "lab-blue"} and "lab-unseen" in last["eval"]["extra"]

@@ -96,6 +96,8 @@ class _Baseline:
         record = {"round": 0, "eval": {"clients": evals, "mean": train.combine_clients(evals, self.cfg)}}
         if extra:
             record["eval"]["extra"] = extra
+        if rollout_due(self.cfg, 0):  # every kind of run starts from the same model: the same episodes
+            record["rollout"] = closed_loop(self.cfg, self.bundle, None)
         self.finish_round(record, t0, 0.0, time.perf_counter() - t0)
 
     def result(self, t0: float) -> RunResult:

@@ -132,6 +132,24 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_base(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib.base import SHIPPED_BASE, BaseSpec, make_base
+
+    spec = BaseSpec.from_overrides(list(args.set or []))
+    out = Path(args.out) if args.out else SHIPPED_BASE
+    record = make_base(spec, out, log=_indented)
+    g, a = record["grounding"]["errors"]["heldout_lab"], record["aim"]
+    print(f"zk0 base: {out} ({record['seconds']['total'] / 60:.1f} min)")
+    print(
+        f"  grounding on a held-out lab: cube {g['cube_cm']:.1f} cm (guessing the mean {g['cube_cm_if_mean']:.1f} cm)"
+    )
+    for where, v in a.items():
+        print(f"  aim, {where}: pan {v['pan_error_deg']:.1f} deg (mean trajectory {v['pan_error_if_mean_deg']:.1f})")
+    return 0
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from zk0lib.model import smolvla_base_sizes
 
@@ -422,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--out", help="folder to write (default: <run>/publish/<repo>)")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("base", help="pretrain the tiny SmolVLA base on simulated community labs")
+    p.add_argument("--out", help="policy folder to write (default: the shipped zk0lib/assets/tiny-base)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a BaseSpec field, e.g. --set action_steps=3000")
+    p.set_defaults(func=cmd_base)
 
     p = sub.add_parser("model-info", help="parameter counts and bytes per round of smolvla_base (built offline)")
     p.set_defaults(func=cmd_model_info)

@@ -21,6 +21,7 @@ TRANSPORT_DTYPES = ("float32", "bfloat16")
 SOURCES = ("hub", "local", "synthetic", "sim")
 EVAL_WHERE = ("server", "clients")
 TINY = "tiny"
+BASE = "base"  # the tiny base shipped in zk0lib/assets/tiny-base (`zk0 base` remakes it)
 FAULT_MODES = ("raise", "exit", "hang", "nan", "shape")
 FAULTS_ENV = "ZK0_ENABLE_FAULT_INJECTION"
 
@@ -65,7 +66,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    pretrained: str = TINY  # "tiny" (offline, random weights), a Hub id or a local policy folder
+    pretrained: str = TINY  # "tiny" (random weights), "base" (the shipped tiny base), a Hub id or a policy folder
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     chunk_size: int = 50
     n_action_steps: int = 50
@@ -123,6 +124,7 @@ class EvalConfig:
     rollout_every: int = 0  # rounds between closed-loop evaluations (0: after the last round only)
     rollout_max_frames: int = 450  # 15 s at 30 fps
     rollout_videos: bool = False  # an mp4 per episode of the last closed-loop evaluation
+    rollout_round0: bool = False  # closed loop before training too (the starting model, e.g. the base)
 
 
 @dataclass
@@ -183,6 +185,13 @@ def zk0_home() -> Path:
     return Path.cwd().resolve()
 
 
+def resolve_pretrained(name: str) -> str:
+    """model.pretrained as lerobot loads it: "base" is the folder shipped with zk0lib, the rest as given."""
+    if name == BASE:
+        return str(Path(__file__).resolve().parent / "assets" / "tiny-base")
+    return name
+
+
 def _resolve(path: str) -> Path:
     p = Path(path).expanduser()
     return p if p.is_absolute() else zk0_home() / p
@@ -236,10 +245,46 @@ def _demo() -> ExperimentConfig:
             sim_episodes=20,
             sim_image_size=128,
         ),
-        model=ModelConfig(pretrained=TINY, device="cpu", chunk_size=10, n_action_steps=10, num_denoise_steps=5),
-        train=TrainConfig(local_steps=25, batch_size=8, lr=1e-3, num_workers=1),
+        model=ModelConfig(pretrained=BASE, device="cpu", chunk_size=10, n_action_steps=10, num_denoise_steps=5),
+        train=TrainConfig(local_steps=25, batch_size=8, lr=3e-4, warmup_steps=0, num_workers=1),
         fl=FLConfig(strategy="fedprox", num_rounds=5, proximal_mu=0.01, client_num_cpus=2),
-        eval=EvalConfig(batch_size=16, max_frames=240, action_frames=12, bootstrap=1000, rollout_episodes=5),
+        eval=EvalConfig(
+            batch_size=16,
+            max_frames=240,
+            action_frames=12,
+            bootstrap=1000,
+            rollout_episodes=5,
+            rollout_round0=True,
+            rollout_max_frames=300,  # 10 s; the expert needs ~4.7 s
+        ),
+    )
+
+
+def _study() -> ExperimentConfig:
+    """The closed-loop study: enough episodes per lab for the success rates to tell strategies apart."""
+    from zk0lib.sim.labs import CLIENT_LABS, UNSEEN_LAB
+
+    return ExperimentConfig(
+        preset="study",
+        data=DataConfig(
+            clients=_lab_clients(CLIENT_LABS),
+            eval_only=_lab_clients((UNSEEN_LAB,)),
+            heldout_episodes=5,
+            sim_episodes=25,
+            sim_image_size=128,
+        ),
+        model=ModelConfig(pretrained=BASE, device="cpu", chunk_size=10, n_action_steps=10, num_denoise_steps=5),
+        train=TrainConfig(local_steps=25, batch_size=8, lr=3e-4, warmup_steps=0, num_workers=1),
+        fl=FLConfig(strategy="fedprox", num_rounds=8, proximal_mu=0.01, client_num_cpus=2),
+        eval=EvalConfig(
+            every=2,
+            batch_size=16,
+            max_frames=240,
+            action_frames=12,
+            bootstrap=1000,
+            rollout_episodes=20,
+            rollout_max_frames=300,
+        ),
     )
 
 
@@ -267,7 +312,7 @@ def _zk0_hub() -> ExperimentConfig:
     )
 
 
-PRESETS = {"smoke": _smoke, "demo": _demo, "zk0-hub": _zk0_hub}
+PRESETS = {"smoke": _smoke, "demo": _demo, "study": _study, "zk0-hub": _zk0_hub}
 
 
 # ----------------------------------------------------------------------------- overrides

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from zk0lib.config import TINY, ExperimentConfig
+from zk0lib.config import TINY, ExperimentConfig, resolve_pretrained
 
 QUIET = {
     "SVT_LOG": "1",  # SVT-AV1 encoder: errors only
@@ -43,7 +43,8 @@ def quiet() -> None:
 
 def needs_hub(cfg: ExperimentConfig) -> bool:
     """Whether anything in the config must come from the Hugging Face Hub."""
-    model_remote = cfg.model.pretrained != TINY and not Path(cfg.model.pretrained).expanduser().exists()
+    pretrained = resolve_pretrained(cfg.model.pretrained)
+    model_remote = pretrained != TINY and not Path(pretrained).expanduser().exists()
     data_remote = any(c.source == "hub" and c.root is None for c in cfg.data.clients)
     return model_remote or data_remote
 

@@ -60,8 +60,10 @@ def sim_labs(cfg: ExperimentConfig) -> dict[str, tuple[Any, str]]:
 
 def rollout_due(cfg: ExperimentConfig, server_round: int) -> bool:
     e, last = cfg.eval, cfg.fl.num_rounds
-    if not e.rollout_episodes or server_round == 0:
+    if not e.rollout_episodes:
         return False
+    if server_round == 0:
+        return e.rollout_round0
     return server_round == last or bool(e.rollout_every and server_round % e.rollout_every == 0)
 
 
@@ -187,6 +189,7 @@ class RoundBook:
             wall_seconds=time.perf_counter() - self.t_start,
             final=final_eval(rounds),
             final_rollout=final_rollout(rounds),
+            start_rollout=start_rollout(rounds),
             best=self.best,
             totals=self.totals,
             **fields,
@@ -240,11 +243,19 @@ def progress_line(cfg: ExperimentConfig, record: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def start_rollout(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The closed-loop evaluation of the starting model (round 0), when the run made one."""
+    first = next((r for r in rounds if "rollout" in r and r["round"] == 0), None)
+    return None if first is None else _rollout_summary(first)
+
+
 def final_rollout(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The last closed-loop evaluation of a run's rounds: pooled client success and each lab's summary."""
-    last = next((r for r in reversed(rounds) if "rollout" in r), None)
-    if last is None:
-        return None
+    last = next((r for r in reversed(rounds) if "rollout" in r and r["round"] > 0), None)
+    return None if last is None else _rollout_summary(last)
+
+
+def _rollout_summary(last: dict[str, Any]) -> dict[str, Any]:
     return {
         "round": last["round"],
         "clients": last["rollout"].get("clients"),

@@ -41,8 +41,12 @@ def model_card(run: RunRecord, repo_id: str, checkpoint: str) -> Any:
     env = json.loads((run.path / "config.json").read_text())["environment"]
     datasets = [c.repo_id if c.source != "sim" else f"zk0 simulated lab {c.lab}" for c in cfg.data.clients]
     hub_datasets = [c.repo_id for c in cfg.data.clients if c.source == "hub"]
-    tiny = cfg.model.pretrained == "tiny"
-    base = "a tiny SmolVLA with random weights (zk0 offline model)" if tiny else cfg.model.pretrained
+    offline = {
+        "tiny": "a tiny SmolVLA with random weights (zk0 offline model)",
+        "base": "the zk0 tiny SmolVLA base, pretrained on simulated community labs (`zk0 base`)",
+    }
+    tiny = cfg.model.pretrained in offline
+    base = offline.get(cfg.model.pretrained, cfg.model.pretrained)
     data = ModelCardData(
         license="apache-2.0",
         library_name="lerobot",

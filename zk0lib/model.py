@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from zk0lib.config import TINY, ExperimentConfig
+from zk0lib.config import TINY, ExperimentConfig, resolve_pretrained
 
 TINY_VLM_REPO = "zk0/tiny-smolvlm2"
 TINY_IMAGE_SIZE = 128
@@ -217,6 +217,7 @@ def _load_pretrained_config(pretrained: str) -> Any:
 
     folder = Path(pretrained).expanduser()
     if folder.exists():
+        _install_tiny_vlm_if_named(folder)
         return PreTrainedConfig.from_pretrained(folder)  # a broken local folder raises as it is
     if pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
         raise ModelNotAvailableError(
@@ -226,6 +227,19 @@ def _load_pretrained_config(pretrained: str) -> Any:
         return PreTrainedConfig.from_pretrained(pretrained)
     except Exception as e:  # noqa: BLE001 - any failure here means "not available", explained below
         raise ModelNotAvailableError(_missing_model_message(pretrained, e)) from e
+
+
+def _install_tiny_vlm_if_named(folder: Path) -> None:
+    """A policy folder built on the tiny VLM (the shipped base, a tiny run's checkpoint) needs it in the
+    local Hugging Face cache, and the Hub offline: that VLM exists nowhere else."""
+    import json
+
+    from zk0lib.env import set_hub_offline
+
+    config = folder / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("vlm_model_name") == TINY_VLM_REPO:
+        ensure_tiny_vlm()
+        set_hub_offline()
 
 
 def _missing_model_message(pretrained: str, error: Exception) -> str:
@@ -244,7 +258,7 @@ def _missing_model_message(pretrained: str, error: Exception) -> str:
 
 def check_pretrained(pretrained: str) -> None:
     """Raise ModelNotAvailableError (with what to download) unless the policy's config can be read."""
-    _load_pretrained_config(pretrained)
+    _load_pretrained_config(resolve_pretrained(pretrained))
 
 
 def policy_config(cfg: ExperimentConfig, device: torch.device) -> Any:
@@ -260,8 +274,9 @@ def policy_config(cfg: ExperimentConfig, device: torch.device) -> Any:
             num_vlm_layers=4,
         )
     else:
-        pc = _load_pretrained_config(m.pretrained)
-        pc.pretrained_path = m.pretrained
+        pretrained = resolve_pretrained(m.pretrained)
+        pc = _load_pretrained_config(pretrained)
+        pc.pretrained_path = pretrained
     pc.device = device.type if device.index is None else str(device)
     pc.chunk_size, pc.n_action_steps, pc.num_steps = m.chunk_size, m.n_action_steps, m.num_denoise_steps
     pc.freeze_vision_encoder, pc.train_expert_only = m.freeze_vision_encoder, m.train_expert_only
@@ -310,7 +325,7 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
     else:
         pre, post = make_pre_post_processors(
             pc,
-            pretrained_path=cfg.model.pretrained,
+            pretrained_path=resolve_pretrained(cfg.model.pretrained),
             preprocessor_overrides={
                 "device_processor": {"device": pc.device},
                 "rename_observations_processor": {"rename_map": rename},
@@ -408,17 +423,11 @@ def save_policy(bundle: PolicyBundle, path: Path) -> None:
 
 def load_policy(path: str | Path, device: str = "cpu") -> PolicyBundle:
     """Reload a saved policy folder with lerobot (installing the tiny VLM first if it is named)."""
-    import json
-
     from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
 
-    from zk0lib.env import set_hub_offline
-
     path = Path(path)
-    if json.loads((path / "config.json").read_text()).get("vlm_model_name") == TINY_VLM_REPO:
-        ensure_tiny_vlm()
-        set_hub_offline()  # the tiny VLM exists only in the local cache
+    _install_tiny_vlm_if_named(path)
     policy = SmolVLAPolicy.from_pretrained(path)
     dev = resolve_device(device)
     policy.to(dev)

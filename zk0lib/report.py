@@ -73,6 +73,24 @@ def rollout_frame(run: RunRecord) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def closed_loop_change(df: pd.DataFrame) -> pd.DataFrame:
+    """Per lab: closed-loop success of the starting model (round 0) and of the last evaluated round, as
+    successes/episodes with the Wilson 95% interval. Round 0 is missing when eval.rollout_round0 was off."""
+    if df.empty:
+        return df
+    first, last = int(df["round"].min()), int(df["round"].max())
+
+    def cell(r: pd.Series) -> str:
+        wins = round(r["success_rate"] * r["episodes"])
+        return f"{wins}/{r['episodes']} [{r['success_lo']:.0%}, {r['success_hi']:.0%}]"
+
+    out = pd.DataFrame({"lab": df["lab"].unique()})
+    for rnd in dict.fromkeys((first, last)):
+        at = df[df["round"] == rnd].set_index("lab")
+        out[f"round {rnd}"] = out["lab"].map(lambda lab, at=at: cell(at.loc[lab]) if lab in at.index else "-")
+    return out
+
+
 def round_frame(run: RunRecord) -> pd.DataFrame:
     """One row per round: bytes exchanged, failures and time per phase."""
     rows = []
@@ -100,6 +118,7 @@ def run_row(run: RunRecord) -> dict[str, Any]:
     final = summary.get("final") or {}
     best = summary.get("best") or {}
     rollout = (summary.get("final_rollout") or {}).get("clients") or {}
+    start = (summary.get("start_rollout") or {}).get("clients") or {}
     per_round = bytes_per_round(run.rounds())
     return {
         "run_id": run.run_id,
@@ -123,6 +142,8 @@ def run_row(run: RunRecord) -> dict[str, Any]:
         "action_mae_ci": _ci(final.get("action_mae_ci")),
         "success_rate": rollout.get("success_rate"),
         "success_ci": _ci(rollout.get("success_ci")),
+        "round0_success_rate": start.get("success_rate"),
+        "round0_success_ci": _ci(start.get("success_ci")),
         "mb_per_round": per_round / 2**20,
         "wall_min": (summary.get("wall_seconds") or 0) / 60,
         "started_at": summary.get("started_at"),
@@ -239,13 +260,20 @@ def eval_chart(df: pd.DataFrame, metric: str = "loss"):
 
 
 def rollout_chart(df: pd.DataFrame):
-    """Closed-loop success per lab (Wilson 95% interval) at the last evaluated round."""
+    """Closed-loop success per lab (Wilson 95% interval): the starting model (round 0, when it was
+    evaluated) against the last evaluated round, side by side."""
     alt = _alt()
-    last = df[df["round"] == df["round"].max()]
-    base = alt.Chart(last).encode(y=alt.Y("lab:N", title=None))
-    bars = base.mark_bar().encode(x=alt.X("success_rate:Q", scale=alt.Scale(domain=[0, 1])), color="role:N")
+    rounds = sorted({int(df["round"].min()), int(df["round"].max())})
+    shown = df[df["round"].isin(rounds)].assign(when=lambda d: d["round"].map(lambda r: f"round {r}"))
+    base = alt.Chart(shown).encode(y=alt.Y("lab:N", title=None), yOffset="when:N")
+    bars = base.mark_bar().encode(
+        x=alt.X("success_rate:Q", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("when:N", title=None),
+        tooltip=["lab", "when", alt.Tooltip("success_rate:Q", format=".0%"), "episodes"],
+    )
     rules = base.mark_rule().encode(x="success_lo:Q", x2="success_hi:Q")
-    return (bars + rules).properties(width=360, height=24 * max(1, len(last)), title="closed-loop success")
+    labs = shown["lab"].nunique()
+    return (bars + rules).properties(width=360, height=22 * len(rounds) * max(1, labs), title="closed-loop success")
 
 
 def compare_chart(df: pd.DataFrame, metric: str = "loss"):

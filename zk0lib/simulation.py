@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from zk0lib import env
-from zk0lib.config import ExperimentConfig, validate
+from zk0lib.config import TINY, ExperimentConfig, validate
 from zk0lib.data import dataset_location, load_metadata
 from zk0lib.federation import encode_config
 from zk0lib.model import check_pretrained, ensure_tiny_vlm
@@ -111,7 +111,7 @@ def prepare(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None
                 progress(f"recording {name}: {done}/{total} expert episodes")
 
         load_metadata(*dataset_location(cfg, client, report), key)
-    if cfg.model.pretrained == "tiny":
+    if cfg.model.pretrained == TINY:
         ensure_tiny_vlm()
     else:
         check_pretrained(cfg.model.pretrained)

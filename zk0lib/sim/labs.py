@@ -11,6 +11,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
 COLOURS = {
     "red": (0.85, 0.12, 0.10),
     "blue": (0.12, 0.30, 0.90),
@@ -112,3 +114,49 @@ def get_lab(name: str) -> LabSpec:
     if name not in LABS:
         raise KeyError(f"unknown lab {name!r}: choose one of {', '.join(LABS)}")
     return LABS[name]
+
+
+# ----------------------------------------------------------------------------- community labs
+
+WORKSPACE = ((0.15, -0.10), (0.30, 0.10))  # where the expert can pick and place: (x, y) min, max
+
+
+def _region(rng: np.random.Generator) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Half the labs use the whole workspace, the others a random part of it (>= 60% of each side)."""
+    (x0, y0), (x1, y1) = WORKSPACE
+    if rng.random() < 0.5:
+        return WORKSPACE
+    w, h = rng.uniform(0.6, 1.0) * (x1 - x0), rng.uniform(0.6, 1.0) * (y1 - y0)
+    ax, ay = rng.uniform(x0, x1 - w), rng.uniform(y0, y1 - h)
+    return ((round(ax, 3), round(ay, 3)), (round(ax + w, 3), round(ay + h, 3)))
+
+
+def community_labs(n: int, seed: int = 0) -> list[LabSpec]:
+    """`n` labs of other robot owners, the data a base policy is pretrained on (as smolvla_base was on
+    community datasets): random cube colour and size, cube and target regions, front-camera mounting,
+    lighting and table, drawn from `seed`. None has the cube/target colours of a client lab or of the
+    unseen lab, so no community task string is one a client trains or is judged on."""
+    taken = {(lab.cube_colour, lab.target_colour) for lab in LABS.values()}
+    pairs = [(c, t) for c in COLOURS for t in COLOURS if c != t and (c, t) not in taken]
+    rng = np.random.default_rng([seed, 7001])
+    labs = []
+    for i in range(n):
+        cube, target = pairs[int(rng.integers(len(pairs)))]
+        table = rng.uniform(0.05, 0.6, size=3)
+        labs.append(
+            LabSpec(
+                f"community-{seed}-{i:03d}",
+                cube,
+                target,
+                round(float(rng.uniform(0.017, 0.022)), 4),
+                cube_region=_region(rng),
+                target_region=_region(rng),
+                camera_offset=tuple(round(float(v), 3) for v in rng.uniform([-0.06, -0.06, -0.03], [0.06, 0.06, 0.03])),
+                camera_tilt_deg=round(float(rng.uniform(-4, 4)), 2),
+                light=round(float(rng.uniform(0.75, 1.25)), 3),
+                table_rgb=(tuple(round(float(v), 3) for v in table), tuple(round(float(v), 3) for v in table + 0.07)),
+                seed=10_000 + 100 * seed + i,
+                tags=("community",),
+            )
+        )
+    return labs

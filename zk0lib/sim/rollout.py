@@ -206,3 +206,57 @@ class HoldStillPolicy:
 
     def select_action(self, batch: dict[str, Any]) -> torch.Tensor:
         return batch["observation.state"]
+
+
+@torch.no_grad()
+def aim_error(
+    bundle: Any, labs: list[LabSpec], episodes: int, seed: int = 0, image_size: int = 128, cache_dir: Path | None = None
+) -> dict[str, Any]:
+    """Does the policy aim at the cube? At the start of held-out episodes (cube positions no recording
+    used), the shoulder_pan of its first action chunk against the scripted expert's, in degrees; and, as
+    the bar to beat, the error of always playing the expert's mean first chunk (a policy that ignores
+    the image). Only the image tells where the cube is at that moment: the state is the same home pose."""
+    from zk0lib.sim.env import CAMERAS, FRAMES_PER_DECISION, LabEnv
+
+    policy, pre, post = bundle.policy, bundle.preprocessor, bundle.postprocessor
+    policy.eval()
+    per_lab: dict[str, Any] = {}
+    all_pred, all_expert = [], []
+    for lab in labs:
+        env = LabEnv(lab, image_size, cache_dir)
+        pred, expert = [], []
+        try:
+            for k in range(episodes):
+                ep_seed = episode_seed(lab, seed, k, purpose=2)
+                env.reset(seed=ep_seed)
+                batch = pre(_observation(env, env.render_cameras(CAMERAS), lab.task, bundle.device))
+                torch.manual_seed(ep_seed)
+                policy.reset()
+                chunk = post(policy.predict_action_chunk(batch)).float().cpu().numpy()[0]
+                pred.append(chunk[:, 0])
+                targets = []
+                for frame in range(len(chunk)):
+                    if frame % FRAMES_PER_DECISION == 0:
+                        held = env.expert_targets()
+                    targets.append(held[0])
+                    env.step_frame()
+                expert.append(np.asarray(targets))
+        finally:
+            env.close()
+        pred_a, expert_a = np.asarray(pred), np.asarray(expert)
+        per_lab[lab.name] = {
+            "pan_error_deg": float(np.abs(pred_a - expert_a).mean()),
+            "pan_error_if_mean_deg": float(np.abs(expert_a.mean(0) - expert_a).mean()),
+        }
+        all_pred.append(pred_a)
+        all_expert.append(expert_a)
+    pred_a, expert_a = np.concatenate(all_pred), np.concatenate(all_expert)
+    last_p, last_e = pred_a[:, -1], expert_a[:, -1]
+    corr = float(np.corrcoef(last_p, last_e)[0, 1]) if last_p.std() > 0 and last_e.std() > 0 else float("nan")
+    return {
+        "episodes": int(len(pred_a)),
+        "pan_error_deg": float(np.mean([v["pan_error_deg"] for v in per_lab.values()])),
+        "pan_error_if_mean_deg": float(np.mean([v["pan_error_if_mean_deg"] for v in per_lab.values()])),
+        "pan_correlation": corr,  # of the chunk's last pan, predicted vs expert, over all episodes
+        "labs": per_lab,
+    }

@@ -1,0 +1,80 @@
+"""The tiny pretrained base: `zk0 base` end to end at tiny scale, and the base shipped in the repository."""
+
+import json
+
+import pytest
+
+from zk0lib.base import BASE_RECORD, SHIPPED_BASE, BaseSpec
+from zk0lib.config import ConfigError, load_config
+from zk0lib.model import TINY_VLM_REPO, load_policy, parameter_counts
+from zk0lib.sim.labs import CLIENT_LABS, LABS, community_labs
+
+
+def test_community_labs_are_seeded_and_distinct_from_the_clients():
+    labs = community_labs(12, seed=0)
+    assert [lab.digest() for lab in labs] == [lab.digest() for lab in community_labs(12, seed=0)]
+    assert [lab.name for lab in labs] != [lab.name for lab in community_labs(12, seed=1)]
+    client_tasks = {LABS[name].task for name in LABS}
+    assert not client_tasks & {lab.task for lab in labs}
+    assert len({(lab.camera_offset, lab.light) for lab in labs}) == 12
+
+
+def test_base_spec_refuses_bad_values():
+    with pytest.raises(ConfigError, match="episodes_per_lab"):
+        BaseSpec.from_overrides(["episodes_per_lab=0"])
+    with pytest.raises(ConfigError, match="KEY one of"):
+        BaseSpec.from_overrides(["no_such_key=1"])
+
+
+def test_short_pretraining_end_to_end(zk0_cli, tmp_path):
+    out = tmp_path / "base"
+    settings = [
+        "labs=2", "episodes_per_lab=3", "image_size=64", "grounding_episodes=2", "grounding_frames=4",
+        "grounding_steps=4", "action_steps=6", "batch_size=4", "num_workers=0", "aim_episodes=1",
+    ]  # fmt: skip
+    result = zk0_cli("base", "--out", str(out), *(x for s in settings for x in ("--set", s)))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    record = json.loads((out / BASE_RECORD).read_text())
+    assert record["spec"]["action_steps"] == 6 and record["grounding"]["steps"] == 4
+    assert record["data"]["episodes"] == 6 and record["data"]["train_episodes"] == 4
+    assert [h["step"] for h in record["action"]["history"]][-1] == 6
+    assert set(record["aim"]) == {"community (held-out positions)", "client labs (never seen)"}
+    assert set(record["aim"]["client labs (never seen)"]["labs"]) == set(LABS)
+    bundle = load_policy(out)  # SmolVLAPolicy.from_pretrained underneath
+    assert parameter_counts(bundle.policy)["total"] == record["parameters"]["total"]
+    # pretrained as a whole: the VLM trained too (fine-tuning then freezes it)
+    assert record["parameters"]["trainable"] > 2 * parameter_counts(bundle.policy)["trainable"] / 3
+
+
+def test_shipped_base_matches_its_record():
+    record = json.loads((SHIPPED_BASE / BASE_RECORD).read_text())
+    spec = BaseSpec(**record["spec"])
+    config = json.loads((SHIPPED_BASE / "config.json").read_text())
+    assert config["vlm_model_name"] == TINY_VLM_REPO
+    assert config["chunk_size"] == config["n_action_steps"] == spec.chunk_size
+    assert config["num_steps"] == spec.num_denoise_steps
+    labs = community_labs(spec.labs, spec.seed)
+    assert [(lab.name, lab.digest()) for lab in labs] == [(x["name"], x["digest"]) for x in record["labs"]]
+    assert not {lab.name for lab in labs} & set(CLIENT_LABS)
+    bundle = load_policy(SHIPPED_BASE)
+    assert parameter_counts(bundle.policy)["total"] == record["parameters"]["total"]
+
+
+def test_demo_and_study_fine_tune_the_base_with_the_vlm_frozen(clients, stats):
+    import torch
+    from safetensors.torch import load_file
+
+    from zk0lib.model import build_policy
+
+    for preset in ("demo", "study"):
+        cfg = load_config(preset)
+        assert cfg.model.pretrained == "base" and cfg.model.freeze_vision_encoder and cfg.model.train_expert_only
+    cfg = load_config("smoke", {"model.pretrained": "base"})
+    bundle = build_policy(cfg, clients[0].meta, stats)
+    trainable = {n for n, p in bundle.policy.named_parameters() if p.requires_grad}
+    assert trainable and not any("vlm." in n and "lm_expert" not in n for n in trainable)
+    saved = load_file(SHIPPED_BASE / "model.safetensors")
+    for name, param in bundle.policy.named_parameters():
+        key = name if name in saved else name.removeprefix("model.")
+        if key in saved:
+            assert torch.equal(param.detach().cpu(), saved[key]), name

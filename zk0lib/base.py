@@ -1,0 +1,330 @@
+"""`zk0 base`: a tiny SmolVLA base made the way smolvla_base was, at a size a CPU can train.
+
+smolvla_base is a VLM pretrained on images and text (SmolVLM2), then trained as a whole policy on
+hundreds of community datasets; owners fine-tune its action expert with the VLM frozen. A tiny SmolVLA
+with a random VLM has nothing to fine-tune from: its frozen image features do not say where the cube is.
+The tiny base is made in the same two stages, in simulated community labs that no client owns:
+
+1. grounding (the VLM's pretraining): the vision encoder and connector learn, from lab frames labelled
+   with the cube's and target's positions, to put where things are into the image tokens;
+2. action pretraining: the whole policy (vision encoder, VLM layers, expert, projections) learns the
+   pick-and-place demonstrations of the community labs with SmolVLA's own flow-matching loss.
+
+The result is a lerobot policy folder (`SmolVLAPolicy.from_pretrained` loads it) with `zk0_base.json`:
+the spec it was made from, the community labs, the losses, the step times and the aim diagnostic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BASE_RECORD = "zk0_base.json"
+SHIPPED_BASE = Path(__file__).parent / "assets" / "tiny-base"
+
+
+@dataclass
+class BaseSpec:
+    """Everything that decides the base: the same spec and seed make the same base."""
+
+    seed: int = 0
+    labs: int = 24  # community labs
+    episodes_per_lab: int = 10  # recorded expert demonstrations per community lab
+    heldout_episodes: int = 1  # per lab, for the held-out loss
+    image_size: int = 128
+    grounding_episodes: int = 10  # per lab, expert episodes whose frames are labelled (not recorded)
+    grounding_frames: int = 10  # labelled frames per grounding episode
+    grounding_steps: int = 1000
+    grounding_batch: int = 32
+    grounding_lr: float = 1e-3
+    action_steps: int = 2400
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    chunk_size: int = 10
+    num_denoise_steps: int = 5
+    num_workers: int = 1
+    aim_episodes: int = 10  # held-out cube positions per lab for the aim diagnostic
+    record_workers: int = 2
+
+    @classmethod
+    def from_overrides(cls, overrides: list[str] | None = None) -> BaseSpec:
+        from zk0lib.config import ConfigError, _convert
+
+        spec = cls()
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        for item in overrides or []:
+            key, sep, value = item.partition("=")
+            if not sep or key not in hints:
+                raise ConfigError(f"zk0 base --set {item!r}: expected KEY=VALUE with KEY one of {', '.join(hints)}")
+            setattr(spec, key, _convert(value, {"int": int, "float": float}[hints[key]], key))
+        may_be_zero = ("seed", "heldout_episodes", "grounding_steps", "action_steps", "warmup_steps")
+        problems = [
+            f"{k} must be {'>= 0' if k in may_be_zero else '> 0'} (got {getattr(spec, k)})"
+            for k in hints
+            if getattr(spec, k) < 0 or (getattr(spec, k) == 0 and k not in may_be_zero)
+        ]
+        if spec.heldout_episodes >= spec.episodes_per_lab:
+            problems.append("heldout_episodes must be fewer than episodes_per_lab")
+        if problems:
+            raise ConfigError("invalid base spec:\n  - " + "\n  - ".join(problems))
+        return spec
+
+
+def experiment_config(spec: BaseSpec, cache_dir: Path) -> Any:
+    """The ExperimentConfig of the pretraining: the tiny SmolVLA, everything trainable, spec's budget."""
+    from zk0lib.config import EvalConfig, ExperimentConfig, ModelConfig, OutputConfig, TrainConfig
+
+    return ExperimentConfig(
+        preset="base",
+        seed=spec.seed,
+        model=ModelConfig(
+            device="cpu",
+            chunk_size=spec.chunk_size,
+            n_action_steps=spec.chunk_size,
+            num_denoise_steps=spec.num_denoise_steps,
+            freeze_vision_encoder=False,
+            train_expert_only=False,
+        ),
+        train=TrainConfig(
+            local_steps=spec.action_steps,
+            batch_size=spec.batch_size,
+            lr=spec.lr,
+            warmup_steps=spec.warmup_steps,
+            num_workers=spec.num_workers,
+        ),
+        eval=EvalConfig(batch_size=16, max_frames=400, action_frames=40, bootstrap=1000),
+        output=OutputConfig(data_cache=str(cache_dir)),
+    )
+
+
+# ----------------------------------------------------------------------------- stage 1: grounding
+
+
+class GroundingHeads(torch.nn.Module):
+    """Read positions off a camera's image tokens: only used to pretrain the vision side, then dropped."""
+
+    def __init__(self, tokens: int, width: int, front: int, wrist: int):
+        super().__init__()
+
+        def head(out: int) -> torch.nn.Module:
+            return torch.nn.Sequential(
+                torch.nn.Flatten(), torch.nn.Linear(tokens * width, 256), torch.nn.GELU(), torch.nn.Linear(256, out)
+            )
+
+        self.front, self.wrist = head(front), head(wrist)
+
+
+def _embed(policy: Any, images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) frames -> the image tokens SmolVLA's prefix holds for them."""
+    from lerobot.policies.common.vla_utils import resize_with_pad
+
+    width, height = policy.config.resize_imgs_with_padding
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    x = resize_with_pad(x, height, width, pad_value=0) * 2.0 - 1.0  # as SmolVLA prepares images
+    return policy.model.vlm_with_expert.embed_image(x)
+
+
+def pretrain_grounding(
+    policy: Any, frames: dict[str, np.ndarray], spec: BaseSpec, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """Train the vision encoder and connector (and the throw-away heads) to locate the cube and target."""
+    from zk0lib.sim.grounding import FRONT_LABELS, WRIST_LABELS
+
+    vlm = policy.model.vlm_with_expert.get_vlm_model()
+    vision = [*vlm.vision_model.parameters(), *vlm.connector.parameters()]
+    g = torch.Generator().manual_seed(spec.seed)
+    n = len(frames["front"])
+    labs = frames["lab"]
+    heldout = labs == labs.max()  # the last community lab is kept out: error on a lab never trained on
+    train_idx, test_idx = np.flatnonzero(~heldout), np.flatnonzero(heldout)
+    with torch.no_grad():
+        probe = _embed(policy, torch.from_numpy(frames["front"][:1]))
+    torch.manual_seed(spec.seed)
+    heads = GroundingHeads(probe.shape[1], probe.shape[2], len(FRONT_LABELS), len(WRIST_LABELS))
+    optimizer = torch.optim.AdamW([*vision, *heads.parameters()], lr=spec.grounding_lr, weight_decay=1e-4)
+    warmup = max(1, spec.grounding_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(1.0, s / max(1, spec.grounding_steps)))),
+    )
+    front_y, wrist_y = torch.from_numpy(frames["front_labels"]), torch.from_numpy(frames["wrist_labels"])
+    scale = 10.0  # metres -> decimetres: targets of order 1
+
+    def loss_of(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        front = heads.front(_embed(policy, torch.from_numpy(frames["front"][idx])))
+        wrist = heads.wrist(_embed(policy, torch.from_numpy(frames["wrist"][idx])))
+        ef = (front - scale * front_y[idx]).pow(2)
+        ew = (wrist - scale * wrist_y[idx]).pow(2)
+        return ef.mean() + ew.mean(), ef, ew
+
+    policy.train()
+    t0, losses = time.perf_counter(), []
+    for step in range(spec.grounding_steps):
+        idx = train_idx[torch.randint(len(train_idx), (spec.grounding_batch,), generator=g).numpy()]
+        loss, _, _ = loss_of(idx)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([*vision, *heads.parameters()], 10.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if (step + 1) % max(1, spec.grounding_steps // 10) == 0:
+            log(f"grounding step {step + 1}/{spec.grounding_steps}: loss {np.mean(losses[-50:]):.4f}")
+    seconds = time.perf_counter() - t0
+    policy.eval()
+    with torch.no_grad():
+        errors = {}
+        for name, idx in (("train_labs", train_idx[:512]), ("heldout_lab", test_idx)):
+            _, ef, ew = loss_of(idx)
+            cube = (ef[:, :2].sum(1).sqrt() / scale * 100).mean().item()  # cm, Euclidean on the table
+            target = (ef[:, 2:].sum(1).sqrt() / scale * 100).mean().item()
+            wrist = (ew.sum(1).sqrt() / scale * 100).mean().item()
+            errors[name] = {"cube_cm": cube, "target_cm": target, "wrist_cube_cm": wrist, "frames": len(idx)}
+        spread = front_y[test_idx, :2] - front_y[train_idx, :2].mean(0)
+        errors["heldout_lab"]["cube_cm_if_mean"] = float(spread.pow(2).sum(1).sqrt().mean() * 100)
+    return {
+        "steps": spec.grounding_steps,
+        "frames": n,
+        "final_loss": float(np.mean(losses[-50:])) if losses else None,
+        "seconds": seconds,
+        "ms_per_step": 1000 * seconds / max(1, spec.grounding_steps),
+        "errors": errors,
+    }
+
+
+# ----------------------------------------------------------------------------- stage 2 and the record
+
+
+def make_base(
+    spec: BaseSpec, out: Path, cache_dir: Path | None = None, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Record the community labs, pretrain in two stages, save the policy folder and its record at `out`."""
+    from zk0lib import data, model, train
+    from zk0lib.config import zk0_home
+    from zk0lib.env import quiet, set_hub_offline
+    from zk0lib.runs import environment, utc_now, write_json
+    from zk0lib.sim.grounding import grounding_set
+    from zk0lib.sim.labs import community_labs
+    from zk0lib.sim.record import record_lab
+
+    quiet()
+    set_hub_offline()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cache_dir = Path(cache_dir or zk0_home() / "data_cache").resolve()
+    t_start = time.perf_counter()
+    labs = community_labs(spec.labs, spec.seed)
+    log(f"zk0 base: {spec.labs} community labs x {spec.episodes_per_lab} demonstrations (recorded once, cached)")
+    t = time.perf_counter()
+    clients = []
+    for i, lab in enumerate(labs):
+        rec = record_lab(lab, spec.episodes_per_lab, cache_dir, spec.image_size, spec.seed, spec.record_workers)
+        meta = data.load_metadata(f"zk0/{lab.name}", rec.root)
+        episodes = list(range(meta.total_episodes))
+        held = episodes[len(episodes) - spec.heldout_episodes :] if spec.heldout_episodes else []
+        clients.append(
+            data.ClientData(i, lab.name, f"zk0/{lab.name}", rec.root, meta, episodes[: len(episodes) - len(held)], held)
+        )
+        log(f"  {lab.name} ({lab.task}): {rec.episodes} episodes, {rec.frames} frames")
+    record_seconds = time.perf_counter() - t
+    t = time.perf_counter()
+    frames = grounding_set(
+        labs, spec.grounding_episodes, spec.grounding_frames, cache_dir, spec.image_size, spec.seed, spec.record_workers
+    )
+    frames_seconds = time.perf_counter() - t
+    log(f"grounding set: {len(frames['front'])} labelled frames ({frames_seconds:.0f} s)")
+
+    cfg = experiment_config(spec, cache_dir)
+    stats = data.pooled_stats([c.meta for c in clients])
+    bundle = model.build_policy(cfg, clients[0].meta, stats)
+    grounding = pretrain_grounding(bundle.policy, frames, spec, log)
+    log(
+        f"grounding: cube {grounding['errors']['heldout_lab']['cube_cm']:.1f} cm off on a held-out lab "
+        f"(guessing the mean: {grounding['errors']['heldout_lab']['cube_cm_if_mean']:.1f} cm)"
+    )
+
+    pc = bundle.config
+    train_sets = [data.open_dataset(c, c.train_episodes, pc, None) for c in clients]
+    held_sets = {c.name: data.open_dataset(c, c.heldout_episodes, pc, None) for c in clients if c.heldout_episodes}
+    optimizer, scheduler = train.make_optimizer(bundle.policy, spec.action_steps, 0)
+    torch.manual_seed(train.derive_seed(spec.seed, 2))
+    stream = data.batch_stream(
+        torch.utils.data.ConcatDataset(train_sets), spec.batch_size, spec.num_workers, train.derive_seed(spec.seed, 3)
+    )
+    chunks, history = 10, []
+    per_chunk = max(1, spec.action_steps // chunks)
+    done = 0
+    t = time.perf_counter()
+    while done < spec.action_steps:
+        steps = min(per_chunk, spec.action_steps - done)
+        m = train.train_steps(bundle, stream, optimizer, scheduler, steps, cfg, label="base pretraining")
+        done += steps
+        history.append({"step": done, "train_loss": m["train_loss"], "lr": m["lr"], "seconds": m["seconds"]})
+        log(
+            f"action pretraining step {done}/{spec.action_steps}: loss {m['train_loss']:.4f}, "
+            f"{1000 * m['seconds'] / steps:.0f} ms/step"
+        )
+    action_seconds = time.perf_counter() - t
+    heldout = {name: train.evaluate(bundle, ds, cfg) for name, ds in list(held_sets.items())[:8]}
+    held_loss = train.combine_clients(heldout, cfg) if heldout else {}
+
+    from zk0lib.sim.labs import CLIENT_LABS, UNSEEN_LAB, get_lab
+    from zk0lib.sim.rollout import aim_error
+
+    aim = {
+        "community (held-out positions)": aim_error(
+            bundle, labs[:4], spec.aim_episodes, spec.seed, spec.image_size, cache_dir
+        ),
+        "client labs (never seen)": aim_error(
+            bundle,
+            [get_lab(n) for n in (*CLIENT_LABS, UNSEEN_LAB)],
+            spec.aim_episodes,
+            spec.seed,
+            spec.image_size,
+            cache_dir,
+        ),
+    }
+    for where, a in aim.items():
+        log(
+            f"aim, {where}: shoulder_pan error {a['pan_error_deg']:.1f} deg (the mean trajectory: {a['pan_error_if_mean_deg']:.1f})"
+        )
+    record = {
+        "spec": asdict(spec),
+        "labs": [{"name": lab.name, "task": lab.task, "digest": lab.digest()} for lab in labs],
+        "data": {
+            "episodes": sum(c.meta.total_episodes for c in clients),
+            "frames": sum(c.meta.total_frames for c in clients),
+            "train_episodes": sum(len(c.train_episodes) for c in clients),
+        },
+        "grounding": grounding,
+        "action": {
+            "steps": spec.action_steps,
+            "samples": spec.action_steps * spec.batch_size,
+            "seconds": action_seconds,
+            "ms_per_step": 1000 * action_seconds / max(1, spec.action_steps),
+            "history": history,
+            "heldout_loss": held_loss,
+        },
+        "aim": aim,
+        "parameters": model.parameter_counts(bundle.policy),
+        "seconds": {
+            "record": record_seconds,
+            "grounding_frames": frames_seconds,
+            "grounding": grounding["seconds"],
+            "action": action_seconds,
+            "total": time.perf_counter() - t_start,
+        },
+        "created_at": utc_now(),
+        "environment": environment(),
+    }
+    model.save_policy(bundle, Path(out))
+    write_json(Path(out) / BASE_RECORD, record)
+    log(f"base written to {out} in {record['seconds']['total'] / 60:.1f} min")
+    return record
