@@ -65,7 +65,7 @@ class BaseSpec:
             if not sep or key not in hints:
                 raise ConfigError(f"zk0 base --set {item!r}: expected KEY=VALUE with KEY one of {', '.join(hints)}")
             setattr(spec, key, _convert(value, {"int": int, "float": float}[hints[key]], key))
-        may_be_zero = ("seed", "heldout_episodes", "grounding_steps", "action_steps", "warmup_steps")
+        may_be_zero = ("seed", "heldout_episodes", "grounding_steps", "action_steps", "warmup_steps", "num_workers")
         problems = [
             f"{k} must be {'>= 0' if k in may_be_zero else '> 0'} (got {getattr(spec, k)})"
             for k in hints
