@@ -21,6 +21,7 @@ TRANSPORT_DTYPES = ("float32", "bfloat16")
 SOURCES = ("hub", "local", "synthetic", "sim")
 EVAL_WHERE = ("server", "clients")
 TINY = "tiny"
+BASE_DIR_ENV = "ZK0_BASE_DIR"
 BASE = "base"  # the tiny base shipped in zk0lib/assets/tiny-base (`zk0 base` remakes it)
 FAULT_MODES = ("raise", "exit", "hang", "nan", "shape")
 FAULTS_ENV = "ZK0_ENABLE_FAULT_INJECTION"
@@ -186,9 +187,12 @@ def zk0_home() -> Path:
 
 
 def resolve_pretrained(name: str) -> str:
-    """model.pretrained as lerobot loads it: "base" is the folder shipped with zk0lib, the rest as given."""
+    """model.pretrained as lerobot loads it: "base" is the folder shipped with zk0lib, the rest as given.
+
+    Flower runs the apps from a copy of the code (the FAB), which carries no weights: the processes zk0
+    starts get the shipped folder's path in $ZK0_BASE_DIR (set it by hand on SuperNodes started by hand)."""
     if name == BASE:
-        return str(Path(__file__).resolve().parent / "assets" / "tiny-base")
+        return os.environ.get(BASE_DIR_ENV) or str(Path(__file__).resolve().parent / "assets" / "tiny-base")
     return name
 
 

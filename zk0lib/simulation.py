@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from zk0lib import env
-from zk0lib.config import TINY, ExperimentConfig, validate
+from zk0lib.config import BASE, BASE_DIR_ENV, TINY, ExperimentConfig, resolve_pretrained, validate
 from zk0lib.data import dataset_location, load_metadata
 from zk0lib.federation import encode_config
 from zk0lib.model import check_pretrained, ensure_tiny_vlm
@@ -155,6 +155,7 @@ def flower_env(cfg: ExperimentConfig, flwr_home: Path) -> dict[str, str]:
         | {
             "FLWR_HOME": str(flwr_home),
             "ZK0_HOME": str(cfg.home),
+            BASE_DIR_ENV: resolve_pretrained(BASE),  # the FAB Flower runs the apps from has no weights
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "PYTHONUNBUFFERED": "1",
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
