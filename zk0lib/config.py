@@ -237,59 +237,41 @@ def _lab_clients(labs: tuple[str, ...]) -> list[ClientConfig]:
     return [ClientConfig(name=lab, source="sim", lab=lab) for lab in labs]
 
 
-def _demo() -> ExperimentConfig:
+def _labs_from_base(preset: str, heldout: int, episodes: int, rounds: int, rollouts: int, **eval_kw: Any):
+    """The four client labs and lab-unseen, fine-tuning the shipped base with the VLM frozen."""
     from zk0lib.sim.labs import CLIENT_LABS, UNSEEN_LAB
 
     return ExperimentConfig(
-        preset="demo",
+        preset=preset,
         data=DataConfig(
             clients=_lab_clients(CLIENT_LABS),
             eval_only=_lab_clients((UNSEEN_LAB,)),
-            heldout_episodes=3,
-            sim_episodes=20,
+            heldout_episodes=heldout,
+            sim_episodes=episodes,
             sim_image_size=128,
         ),
         model=ModelConfig(pretrained=BASE, device="cpu", chunk_size=10, n_action_steps=10, num_denoise_steps=5),
         train=TrainConfig(local_steps=25, batch_size=8, lr=3e-4, warmup_steps=0, num_workers=1),
-        fl=FLConfig(strategy="fedprox", num_rounds=5, proximal_mu=0.01, client_num_cpus=2),
+        fl=FLConfig(strategy="fedprox", num_rounds=rounds, proximal_mu=0.01, client_num_cpus=2),
         eval=EvalConfig(
             batch_size=16,
             max_frames=240,
             action_frames=12,
             bootstrap=1000,
-            rollout_episodes=5,
-            rollout_round0=True,
+            rollout_episodes=rollouts,
             rollout_max_frames=300,  # 10 s; the expert needs ~4.7 s
+            **eval_kw,
         ),
     )
+
+
+def _demo() -> ExperimentConfig:
+    return _labs_from_base("demo", heldout=3, episodes=20, rounds=5, rollouts=5, rollout_round0=True)
 
 
 def _study() -> ExperimentConfig:
     """The closed-loop study: enough episodes per lab for the success rates to tell strategies apart."""
-    from zk0lib.sim.labs import CLIENT_LABS, UNSEEN_LAB
-
-    return ExperimentConfig(
-        preset="study",
-        data=DataConfig(
-            clients=_lab_clients(CLIENT_LABS),
-            eval_only=_lab_clients((UNSEEN_LAB,)),
-            heldout_episodes=5,
-            sim_episodes=25,
-            sim_image_size=128,
-        ),
-        model=ModelConfig(pretrained=BASE, device="cpu", chunk_size=10, n_action_steps=10, num_denoise_steps=5),
-        train=TrainConfig(local_steps=25, batch_size=8, lr=3e-4, warmup_steps=0, num_workers=1),
-        fl=FLConfig(strategy="fedprox", num_rounds=8, proximal_mu=0.01, client_num_cpus=2),
-        eval=EvalConfig(
-            every=2,
-            batch_size=16,
-            max_frames=240,
-            action_frames=12,
-            bootstrap=1000,
-            rollout_episodes=20,
-            rollout_max_frames=300,
-        ),
-    )
+    return _labs_from_base("study", heldout=5, episodes=25, rounds=8, rollouts=20, every=2)
 
 
 def _zk0_hub() -> ExperimentConfig:
