@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from zk0lib.base import BASE_RECORD, SHIPPED_BASE, BaseSpec
-from zk0lib.config import ConfigError, load_config
+from zk0lib.base import BASE_RECORD, BaseSpec
+from zk0lib.config import SHIPPED_BASE, ConfigError, load_config
 from zk0lib.model import TINY_VLM_REPO, load_policy, parameter_counts
 from zk0lib.sim.labs import CLIENT_LABS, LABS, community_labs
 
@@ -42,8 +42,9 @@ def test_short_pretraining_end_to_end(zk0_cli, tmp_path):
     assert set(record["aim"]["client labs (never seen)"]["labs"]) == set(LABS)
     bundle = load_policy(out)  # SmolVLAPolicy.from_pretrained underneath
     assert parameter_counts(bundle.policy)["total"] == record["parameters"]["total"]
-    # pretrained as a whole: the VLM trained too (fine-tuning then freezes it)
-    assert record["parameters"]["trainable"] > 2 * parameter_counts(bundle.policy)["trainable"] / 3
+    # pretrained as a whole: the VLM trained too (expert-only training would leave ~36% trainable)
+    counts = record["parameters"]
+    assert counts["trainable"] > 0.8 * counts["total"]
 
 
 def test_shipped_base_matches_its_record():
@@ -74,7 +75,7 @@ def test_demo_and_study_fine_tune_the_base_with_the_vlm_frozen(clients, stats):
     trainable = {n for n, p in bundle.policy.named_parameters() if p.requires_grad}
     assert trainable and not any("vlm." in n and "lm_expert" not in n for n in trainable)
     saved = load_file(SHIPPED_BASE / "model.safetensors")
-    for name, param in bundle.policy.named_parameters():
-        key = name if name in saved else name.removeprefix("model.")
-        if key in saved:
-            assert torch.equal(param.detach().cpu(), saved[key]), name
+    params = dict(bundle.policy.named_parameters())
+    assert set(params) <= set(saved), sorted(set(params) - set(saved))[:3]
+    for name, param in params.items():  # every weight is the base's, none a fresh initialization
+        assert torch.equal(param.detach().cpu(), saved[name]), name

@@ -16,8 +16,8 @@ the spec it was made from, the community labs, the losses, the step times and th
 
 from __future__ import annotations
 
-import dataclasses
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 BASE_RECORD = "zk0_base.json"
-SHIPPED_BASE = Path(__file__).parent / "assets" / "tiny-base"
+HELDOUT_LABS = 8  # community labs whose held-out episodes give the base's held-out loss
 
 
 @dataclass
@@ -47,7 +47,7 @@ class BaseSpec:
     action_steps: int = 2400
     batch_size: int = 8
     lr: float = 1e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # asked of lerobot's scheduler, which rescales it by steps/30000 (8 used here)
     chunk_size: int = 10
     num_denoise_steps: int = 5
     num_workers: int = 1
@@ -56,15 +56,14 @@ class BaseSpec:
 
     @classmethod
     def from_overrides(cls, overrides: list[str] | None = None) -> BaseSpec:
-        from zk0lib.config import ConfigError, _convert
+        from zk0lib.config import ConfigError, _convert, parse_overrides
 
         spec = cls()
-        hints = {f.name: f.type for f in dataclasses.fields(cls)}
-        for item in overrides or []:
-            key, sep, value = item.partition("=")
-            if not sep or key not in hints:
-                raise ConfigError(f"zk0 base --set {item!r}: expected KEY=VALUE with KEY one of {', '.join(hints)}")
-            setattr(spec, key, _convert(value, {"int": int, "float": float}[hints[key]], key))
+        hints = typing.get_type_hints(cls)
+        for key, value in parse_overrides(overrides).items():
+            if key not in hints:
+                raise ConfigError(f"zk0 base --set {key}: unknown; KEY one of {', '.join(hints)}")
+            setattr(spec, key, _convert(value, hints[key], key))
         may_be_zero = ("seed", "heldout_episodes", "grounding_steps", "action_steps", "warmup_steps", "num_workers")
         problems = [
             f"{k} must be {'>= 0' if k in may_be_zero else '> 0'} (got {getattr(spec, k)})"
@@ -217,7 +216,6 @@ def make_base(
 
     quiet()
     set_hub_offline()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cache_dir = Path(cache_dir or zk0_home() / "data_cache").resolve()
     t_start = time.perf_counter()
     labs = community_labs(spec.labs, spec.seed)
@@ -252,7 +250,8 @@ def make_base(
 
     pc = bundle.config
     train_sets = [data.open_dataset(c, c.train_episodes, pc, None) for c in clients]
-    held_sets = {c.name: data.open_dataset(c, c.heldout_episodes, pc, None) for c in clients if c.heldout_episodes}
+    judged = [c for c in clients if c.heldout_episodes][:HELDOUT_LABS]
+    held_sets = {c.name: data.open_dataset(c, c.heldout_episodes, pc, None) for c in judged}
     optimizer, scheduler = train.make_optimizer(bundle.policy, spec.action_steps, 0)
     torch.manual_seed(train.derive_seed(spec.seed, 2))
     stream = data.batch_stream(
@@ -272,7 +271,7 @@ def make_base(
             f"{1000 * m['seconds'] / steps:.0f} ms/step"
         )
     action_seconds = time.perf_counter() - t
-    heldout = {name: train.evaluate(bundle, ds, cfg) for name, ds in list(held_sets.items())[:8]}
+    heldout = {name: train.evaluate(bundle, ds, cfg) for name, ds in held_sets.items()}
     held_loss = train.combine_clients(heldout, cfg) if heldout else {}
 
     from zk0lib.sim.labs import CLIENT_LABS, UNSEEN_LAB, get_lab

@@ -135,7 +135,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_base(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from zk0lib.base import SHIPPED_BASE, BaseSpec, make_base
+    from zk0lib.base import BaseSpec, make_base
+    from zk0lib.config import SHIPPED_BASE
 
     spec = BaseSpec.from_overrides(list(args.set or []))
     out = Path(args.out) if args.out else SHIPPED_BASE

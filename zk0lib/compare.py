@@ -119,9 +119,6 @@ def run_numbers(run: RunRecord) -> dict[str, Any]:
     extra = next(iter(ev.get("extra", {}).values()), {})
     final = summary.get("final_rollout") or {}
     success = final.get("clients") or {}
-    labs = {
-        lab: (round(v["success_rate"] * v["episodes"]), v["episodes"]) for lab, v in (final.get("labs") or {}).items()
-    }
     return {
         "loss": mean.get("loss"),
         "loss_ci": mean.get("loss_ci"),
@@ -131,7 +128,7 @@ def run_numbers(run: RunRecord) -> dict[str, Any]:
         "unseen_loss": extra.get("loss"),
         "success_wins": round(success["success_rate"] * success["episodes"]) if success else None,
         "success_n": success.get("episodes"),
-        "lab_success": labs,
+        "lab_summaries": final.get("labs") or {},
         "bytes_per_round": bytes_per_round(rounds),
         "train_samples": (summary.get("totals") or {}).get("train_samples"),
     }
@@ -140,6 +137,7 @@ def run_numbers(run: RunRecord) -> dict[str, Any]:
 def compare_table(runs_dir: Path, entries: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per strategy or baseline: the final evaluation, mean +- sd over seeds (or the 95% interval
     of the single seed), closed-loop success pooled over seeds with its Wilson interval."""
+    from zk0lib.evaluation import pooled_success
     from zk0lib.sim.rollout import wilson_interval
 
     rows = []
@@ -159,13 +157,10 @@ def compare_table(runs_dir: Path, entries: list[dict[str, Any]]) -> pd.DataFrame
             row["success"] = sum(wins) / n_eps
             row["success_ci"] = list(wilson_interval(sum(wins), n_eps))
             row["success_episodes"] = n_eps
-        per_lab: dict[str, list[int]] = {}
-        for n in nums:
-            for lab, (won, total) in n["lab_success"].items():
-                per_lab.setdefault(lab, [0, 0])
-                per_lab[lab][0] += won
-                per_lab[lab][1] += total
-        row["lab_success"] = {lab: [w, t, *wilson_interval(w, t)] for lab, (w, t) in per_lab.items()}
+        labs = dict.fromkeys(lab for n in nums for lab in n["lab_summaries"])
+        row["lab_success"] = {
+            lab: pooled_success([n["lab_summaries"][lab] for n in nums if lab in n["lab_summaries"]]) for lab in labs
+        }
         row["mb_per_round"] = float(np.mean([n["bytes_per_round"] for n in nums])) / 2**20 if nums else None
         row["train_samples"] = nums[0]["train_samples"] if nums else None
         row["wall_min"] = float(np.mean([e["seconds"] for e in mine if "seconds" in e])) / 60 if mine else None
@@ -207,6 +202,12 @@ def table_markdown(df: pd.DataFrame) -> str:
     return "\n".join(lines + ([""] + failed if failed else []) + lab_success_markdown(df))
 
 
+def _success_cell(pooled: dict[str, Any]) -> str:
+    wins, n = round(pooled["success_rate"] * pooled["episodes"]), pooled["episodes"]
+    lo, hi = pooled["success_ci"]
+    return f"{wins}/{n} [{lo:.0%}, {hi:.0%}]"
+
+
 def lab_success_markdown(df: pd.DataFrame) -> list[str]:
     """Closed-loop success per lab and row (successes/episodes [Wilson 95%]), under the main table."""
     labs = list(dict.fromkeys(lab for v in df.get("lab_success", []) if isinstance(v, dict) for lab in v))
@@ -215,8 +216,6 @@ def lab_success_markdown(df: pd.DataFrame) -> list[str]:
     lines = ["", "| run | " + " | ".join(labs) + " |", "|" + "---|" * (len(labs) + 1)]
     for _, row in df.iterrows():
         per = row.get("lab_success") if isinstance(row.get("lab_success"), dict) else {}
-        cells = [
-            f"{per[lab][0]}/{per[lab][1]} [{per[lab][2]:.0%}, {per[lab][3]:.0%}]" if lab in per else "-" for lab in labs
-        ]
+        cells = [_success_cell(per[lab]) if lab in per else "-" for lab in labs]
         lines.append("| " + " | ".join([row["row"], *cells]) + " |")
     return lines

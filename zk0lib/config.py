@@ -23,6 +23,7 @@ EVAL_WHERE = ("server", "clients")
 TINY = "tiny"
 BASE_DIR_ENV = "ZK0_BASE_DIR"
 BASE = "base"  # the tiny base shipped in zk0lib/assets/tiny-base (`zk0 base` remakes it)
+SHIPPED_BASE = Path(__file__).resolve().parent / "assets" / "tiny-base"
 FAULT_MODES = ("raise", "exit", "hang", "nan", "shape")
 FAULTS_ENV = "ZK0_ENABLE_FAULT_INJECTION"
 
@@ -192,7 +193,7 @@ def resolve_pretrained(name: str) -> str:
     Flower runs the apps from a copy of the code (the FAB), which carries no weights: the processes zk0
     starts get the shipped folder's path in $ZK0_BASE_DIR (set it by hand on SuperNodes started by hand)."""
     if name == BASE:
-        return os.environ.get(BASE_DIR_ENV) or str(Path(__file__).resolve().parent / "assets" / "tiny-base")
+        return os.environ.get(BASE_DIR_ENV) or str(SHIPPED_BASE)
     return name
 
 

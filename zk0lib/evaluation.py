@@ -255,11 +255,11 @@ def final_rollout(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
     return None if last is None else _rollout_summary(last)
 
 
-def _rollout_summary(last: dict[str, Any]) -> dict[str, Any]:
+def _rollout_summary(record: dict[str, Any]) -> dict[str, Any]:
     return {
-        "round": last["round"],
-        "clients": last["rollout"].get("clients"),
-        "labs": {name: v["summary"] for name, v in last["rollout"]["labs"].items()},
+        "round": record["round"],
+        "clients": record["rollout"].get("clients"),
+        "labs": {name: v["summary"] for name, v in record["rollout"]["labs"].items()},
     }
 
 

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from zk0lib.config import BASE, TINY
 from zk0lib.runs import RunRecord
 
 RECORD_FILES = ("config.json", "summary.json", "metrics.jsonl", "validation.csv")
@@ -42,10 +43,10 @@ def model_card(run: RunRecord, repo_id: str, checkpoint: str) -> Any:
     datasets = [c.repo_id if c.source != "sim" else f"zk0 simulated lab {c.lab}" for c in cfg.data.clients]
     hub_datasets = [c.repo_id for c in cfg.data.clients if c.source == "hub"]
     offline = {
-        "tiny": "a tiny SmolVLA with random weights (zk0 offline model)",
-        "base": "the zk0 tiny SmolVLA base, pretrained on simulated community labs (`zk0 base`)",
+        TINY: "a tiny SmolVLA with random weights (zk0 offline model)",
+        BASE: "the zk0 tiny SmolVLA base, pretrained on simulated community labs (`zk0 base`)",
     }
-    tiny = cfg.model.pretrained in offline
+    tiny = cfg.model.pretrained in offline  # no Hub model to name as the card's base_model
     base = offline.get(cfg.model.pretrained, cfg.model.pretrained)
     data = ModelCardData(
         license="apache-2.0",

@@ -325,7 +325,7 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
     else:
         pre, post = make_pre_post_processors(
             pc,
-            pretrained_path=resolve_pretrained(cfg.model.pretrained),
+            pretrained_path=pc.pretrained_path,
             preprocessor_overrides={
                 "device_processor": {"device": pc.device},
                 "rename_observations_processor": {"rename_map": rename},
