@@ -5,11 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zk0-installed
 export ZK0_HOME := $(CURDIR)
 
-.PHONY: install demo test lint format lab app app-check smoke compare study base bench deploy-local clean help
+.PHONY: install demo test test-fast lint format lab app app-check smoke compare study base bench deploy-local clean help
 
 help:
 	@echo "make demo     the offline demo: notebooks 01 -> 04 on the simulated labs into reports/demo (CPU)"
 	@echo "make test     run the test suite (offline, CPU)"
+	@echo "make test-fast  the tests without Flower runs, CLI processes, sweeps and notebooks (minutes)"
 	@echo "make install  create .venv with the pinned environment (done by demo/test when needed)"
 	@echo "make lab      JupyterLab on notebooks/ with the zk0 kernel"
 	@echo "make app      the marimo results app (http://127.0.0.1:2718)"
@@ -41,6 +42,9 @@ smoke: install
 
 test: install
 	$(BIN)/python -m pytest -q tests notebooks --nbmake
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not e2e" tests
 
 lint: install
 	$(BIN)/ruff check .

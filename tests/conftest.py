@@ -11,6 +11,15 @@ from zk0lib.config import load_config, zk0_home
 env.quiet()
 torch.set_num_threads(2)
 
+# Tests that start Flower runs, CLI processes, sweeps or simulated recordings: `make test-fast` leaves them out.
+E2E_FIXTURES = {"zk0_cli", "smoke_run", "adam_run", "three_kinds", "faulty_run", "sweep_dir", "recording"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())) or type(item).__name__ == "NotebookItem":
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture(scope="session")
 def home() -> Path:

@@ -29,14 +29,14 @@ def test_base_spec_refuses_bad_values():
 def test_short_pretraining_end_to_end(zk0_cli, tmp_path):
     out = tmp_path / "base"
     settings = [
-        "labs=2", "episodes_per_lab=3", "image_size=64", "grounding_episodes=2", "grounding_frames=4",
+        "labs=2", "episodes_per_lab=2", "image_size=64", "grounding_episodes=1", "grounding_frames=4",
         "grounding_steps=4", "action_steps=6", "batch_size=4", "num_workers=0", "aim_episodes=1",
     ]  # fmt: skip
     result = zk0_cli("base", "--out", str(out), *(x for s in settings for x in ("--set", s)))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     record = json.loads((out / BASE_RECORD).read_text())
     assert record["spec"]["action_steps"] == 6 and record["grounding"]["steps"] == 4
-    assert record["data"]["episodes"] == 6 and record["data"]["train_episodes"] == 4
+    assert record["data"]["episodes"] == 4 and record["data"]["train_episodes"] == 2
     assert [h["step"] for h in record["action"]["history"]][-1] == 6
     assert set(record["aim"]) == {"community (held-out positions)", "client labs (never seen)"}
     assert set(record["aim"]["client labs (never seen)"]["labs"]) == set(LABS)

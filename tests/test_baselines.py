@@ -138,3 +138,35 @@ def test_overhead_numbers_from_a_federated_and_a_centralized_record(three_kinds)
     )
     with pytest.raises(ConfigError, match="--repeats must be >= 1"):
         bench.bench_overhead("smoke", repeats=0)
+
+
+def test_budgets_count_only_the_clients_sampled_each_round():
+    from zk0lib import train
+
+    cfg = load_config("smoke", {"fl.fraction_train": 0.5, "fl.num_rounds": 6})
+    b = baselines.budget(cfg)
+    assert b["sampled"] == [train.sampled_clients(cfg, r) for r in range(1, 7)]
+    assert all(len(s) == 1 for s in b["sampled"]) and b["clients_per_round"] == 1
+    steps = cfg.train.local_steps
+    assert b["centralized_steps_per_round"] == [steps] * 6 and b["total_steps"] == 6 * steps
+    assert b["steps_per_client"] == [steps * sum(i in s for s in b["sampled"]) for i in (0, 1)]
+    assert sum(b["samples_per_client"]) == b["total_samples"] == 6 * steps * cfg.train.batch_size
+
+
+def test_weighted_draws_follow_their_weights():
+    """The centralized baseline's draws under fl.weighting=uniform: frames in proportion to the weights given."""
+    import torch
+
+    from zk0lib import data
+
+    frames = [{"index": torch.tensor(i)} for i in range(30)]
+    weights = torch.tensor([1.0] * 10 + [0.0] * 10 + [3.0] * 10, dtype=torch.float64)
+    stream = data.batch_stream(frames, 10, 0, seed=4, weights=weights)
+    drawn = torch.cat([next(stream)["index"] for _ in range(200)])
+    assert not ((drawn >= 10) & (drawn < 20)).any()
+    share = float((drawn >= 20).float().mean())
+    assert 0.72 < share < 0.78  # 3/4 of the weight
+    again = data.batch_stream(frames, 10, 0, seed=4, weights=weights)
+    assert torch.equal(next(again)["index"], torch.cat([next(data.batch_stream(frames, 10, 0, 4, weights))["index"]]))
+    with pytest.raises(ValueError, match="3 sampling weights for a dataset of 30 frames"):
+        data.batch_stream(frames, 10, 0, seed=4, weights=weights[:3])

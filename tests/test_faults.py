@@ -136,3 +136,50 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(home, smoke_run, zk0_
 
     again = zk0_cli("train", "--resume", str(run.path))
     assert again.returncode == 1 and "already completed" in again.stderr
+
+
+def test_a_crash_while_swapping_resume_states_falls_back_to_the_previous_round(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from zk0lib.evaluation import RoundBook
+    from zk0lib.runs import load_resume_state, resume_round, save_resume_state
+
+    cfg = load_config("smoke", {"output.runs_dir": str(tmp_path), "output.run_id": "swap"})
+    run = RunRecord.create(cfg)
+    book = RoundBook(cfg, run, log=lambda _: None)
+    weights = {r: federation.to_numpy_record({"w": torch.full((3,), float(r))}) for r in (1, 2)}
+    save_resume_state(run, 1, weights[1], {}, book)
+
+    rename, calls = Path.rename, []
+
+    def killed_on_second_rename(self, target):  # resume -> .resume.old happens; .resume.tmp -> resume does not
+        calls.append(self.name)
+        if len(calls) == 2:
+            raise SystemExit("the machine dies between the two renames")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_on_second_rename)
+    with pytest.raises(SystemExit):
+        save_resume_state(run, 2, weights[2], {}, book)
+    monkeypatch.undo()
+    assert calls == ["resume", ".resume.tmp"] and not run.checkpoint("resume").exists()
+    assert resume_round(run) == 1
+    state = load_resume_state(run)
+    assert state["round"] == 1 and state["arrays"]["w"].tolist() == [1.0, 1.0, 1.0]
+
+    save_resume_state(run, 2, weights[2], {}, book)  # the next round's save starts clean
+    assert resume_round(run) == 2 and not (run.checkpoint("resume").parent / ".resume.old").exists()
+
+
+def test_a_ray_start_up_failure_is_told_apart_from_a_failed_run(tmp_path):
+    from zk0lib.simulation import ray_did_not_start
+
+    cfg = load_config("smoke", {"output.runs_dir": str(tmp_path), "output.run_id": "ray"})
+    run = RunRecord.create(cfg)
+    log = run.path / "flower.log"
+    log.write_text("ray.exceptions.RaySystemError: System error: Failed to connect to GCS. Please check ...\n")
+    assert ray_did_not_start(run, log)
+    log.write_text("[zk0] 2 clients, 1,000 trainable\nray.exceptions.RaySystemError: Failed to connect to GCS\n")
+    assert not ray_did_not_start(run, log)  # the ServerApp had started: a real failure of the run
+    log.write_text("RuntimeError: client synth-0 raised\n")
+    assert not ray_did_not_start(run, log)

@@ -142,9 +142,11 @@ def test_smoke_train_completes_with_complete_records(smoke_run, home):
     cfg = run.config()
     trainable = summary["parameters"]["trainable"]
     for r in rounds[1:]:
-        assert set(r["train"]["clients"]) == {"synth-0", "synth-1"}
-        for m in r["train"]["clients"].values():
+        assert set(r["train"]["clients"]) == {"synth-0", "synth-1"} and r["sampled"] == ["synth-0", "synth-1"]
+        for name, m in r["train"]["clients"].items():
             assert m["steps"] == cfg.train.local_steps and m["samples"] == cfg.train.local_steps * cfg.train.batch_size
+            assert m["proximal_mu"] == cfg.fl.proximal_mu > 0  # fedprox
+            assert m["weight"] == summary["clients"][name]["train-frames"]  # fl.weighting=frames
             for key in ("train_loss", "train_loss_std", "prox_term", "grad_norm", "update_norm", "seconds"):
                 assert np.isfinite(m[key])
         assert r["bytes_sent"] == r["bytes_received"] == 2 * trainable * 4
@@ -181,8 +183,10 @@ def test_fedadam_bf16_client_evaluation_from_a_pretrained_folder(adam_run, home,
     rounds = run.rounds()
     trainable = run.summary()["parameters"]["trainable"]
     assert rounds[1]["bytes_received"] == 2 * trainable * 2
-    assert rounds[1]["bytes_sent"] == 4 * trainable * 2  # train + evaluate messages, bf16
-    assert set(rounds[1]["eval"]["clients"]) == {"synth-0", "synth-1"}
+    assert rounds[1]["bytes_sent"] == 2 * trainable * 2 + 2 * trainable * 4  # train bf16, evaluate fp32
+    assert all(m["proximal_mu"] == 0 for m in rounds[1]["train"]["clients"].values())  # fedadam: no FedProx term
+    for r in rounds:  # the clients judge the starting model too
+        assert set(r["eval"]["clients"]) == {"synth-0", "synth-1"}
     offline = list((run.path / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))  # one W&B run, written offline
     assert _alive_flower_processes(t0) == []

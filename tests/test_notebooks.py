@@ -85,6 +85,10 @@ def test_two_point_sweep_runs_papermill_and_tabulates(sweep_dir):
     plotted = {(v["client"], v["metric"]): v["value"] for v in values}
     for client, m in rounds[1]["train"]["clients"].items():
         assert plotted[(client, "train_loss")] == pytest.approx(m["train_loss"], rel=1e-12)
+        assert m["proximal_mu"] == 0  # fedavg runs without FedProx's term
+    fedprox = [json.loads(x) for x in (sweep_dir / "runs" / "01-strategy-fedprox" / "metrics.jsonl").open()]
+    assert all(m["proximal_mu"] == 0.01 for m in fedprox[1]["train"]["clients"].values())
+    assert fedprox[-1]["eval"]["mean"]["loss"] != rounds[-1]["eval"]["mean"]["loss"]  # two different runs
 
 
 def test_sweep_records_failed_points_and_goes_on(home, zk0_cli):

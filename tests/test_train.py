@@ -181,3 +181,46 @@ def test_undecodable_batches_are_skipped_and_counted(fresh_bundle, smoke_cfg, co
         match=r"client corrupt in round 1: 1 of \d+ batches could not be read.*decodeAVFrame.*zk0 validate",
     ):
         train.train_round(fresh_bundle, _stream(dataset, cfg), cfg, 1, 0, mu=0.0, client_name="corrupt")
+
+
+def test_an_explicit_warmup_is_the_warmup_used(fresh_bundle):
+    """lerobot shrinks its preset warm-up to short runs (steps / 30,000); train.warmup_steps is kept as given."""
+    peak = fresh_bundle.policy.config.optimizer_lr
+    _, given = train.make_optimizer(fresh_bundle.policy, total_steps=200, start_step=0, warmup_steps=50)
+    ramp = [given.lr_lambdas[0](s) for s in (0, 25, 49)]
+    assert ramp[0] < 0.05 and 0.4 < ramp[1] < 0.6 and 0.95 < ramp[2] < 1.0  # linear up to step 50
+    _, preset = train.make_optimizer(fresh_bundle.policy, total_steps=200, start_step=0)
+    assert preset.lr_lambdas[0](25) > 0.95  # the preset's 1,000 warm-up steps became int(1000 * 200 / 30000) = 6
+    _, late = train.make_optimizer(fresh_bundle.policy, total_steps=200, start_step=100, warmup_steps=50)
+    assert late.lr_lambdas[0](0) == pytest.approx(given.lr_lambdas[0](100))  # round 2 continues the schedule
+    assert peak > 0
+
+
+def test_skipped_batches_are_counted_as_batches_with_their_items_named(fresh_bundle, smoke_cfg, train_set):
+    cfg = copy.deepcopy(smoke_cfg)
+    cfg.train.local_steps, cfg.train.max_skipped_fraction = 8, 0.125  # one skipped batch allowed
+
+    def one_bad_batch_then(stream):
+        yield {"__skipped__": ["item 3: bad", "item 4: bad", "item 5: bad"]}
+        yield from stream
+
+    stream = one_bad_batch_then(_stream(train_set, cfg).batches(0))
+    metrics = train.train_steps(fresh_bundle, stream, *train.make_optimizer(fresh_bundle.policy, 8, 0), 8, cfg)
+    assert (metrics["steps"], metrics["skipped_batches"], metrics["skipped_items"]) == (8, 1, 3)
+
+
+def test_the_t_interval_keeps_its_coverage_where_a_percentile_bootstrap_does_not():
+    """Two clients x 3 held-out episodes (the demo's split), known mean of client means: how often each
+    95% interval covers it over 1,000 simulated evaluations."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    truth, covered = 1.0, {"t": 0, "bootstrap": 0}
+    for i in range(1000):
+        groups = [list(rng.normal(mu, 0.3, size=3)) for mu in (0.8, 1.2)]
+        for name, (lo, hi) in (("t", train.t_interval(groups)), ("bootstrap", train.bootstrap_ci(groups, 200, i))):
+            covered[name] += lo <= truth <= hi
+    assert 930 <= covered["t"] <= 975, covered
+    assert covered["bootstrap"] < 880, covered  # why the default is the t interval
+    assert all(np.isfinite(train.t_interval([[1.0, 2.0, 3.0], [5.0]])))  # one episode: the pooled variance
+    assert all(np.isnan(train.t_interval([[5.0]])))  # no variance to estimate: no interval

@@ -1,10 +1,12 @@
 """The two baselines a federated result must be read against, on the federated run's own budget.
 
 - centralized: one model on the union of every client's training episodes, for as many samples as the
-  federated run trains on in total (rounds x clients x local steps x batch);
+  federated run trains on in total (per round: the sampled clients x local steps x batch), drawing frames
+  the way the federated mean weighs clients (fl.weighting: frames uniformly from the pool, or uniform:
+  every client's frames as likely in total);
 - local-only: each client alone on its own training episodes, for the samples it trains on in the
-  federated run (rounds x local steps x batch), judged on every client's held-out episodes and the
-  eval-only datasets.
+  federated run (local steps x batch in each round it is sampled in), judged on every client's held-out
+  episodes and the eval-only datasets.
 
 Same model and initial weights, same pooled normalization, lerobot's optimizer and schedule presets
 (one optimizer over the whole run: no state is lost between rounds, an advantage federated clients do
@@ -31,17 +33,23 @@ KINDS = ("centralized", "local-only")
 _SEED_TAG = {"centralized": 1, "local-only": 2}  # keeps each kind's random stream apart
 
 
-def budget(cfg: ExperimentConfig) -> dict[str, int]:
-    """Optimizer steps and samples of the federated run that the baselines match."""
+def budget(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Optimizer steps and samples of the federated run that the baselines match: the clients sampled in
+    each round (train.sampled_clients) times their local steps."""
     n, rounds, steps, batch = len(cfg.data.clients), cfg.fl.num_rounds, cfg.train.local_steps, cfg.train.batch_size
+    sampled = [train.sampled_clients(cfg, r) for r in range(1, rounds + 1)]
+    per_client = [steps * sum(i in s for s in sampled) for i in range(n)]
     return {
         "rounds": rounds,
         "clients": n,
-        "centralized_steps_per_round": n * steps,
+        "clients_per_round": cfg.fl.sample_size(n),
+        "sampled": sampled,
+        "centralized_steps_per_round": [len(s) * steps for s in sampled],
         "local_steps_per_round": steps,
-        "total_steps": rounds * n * steps,
-        "total_samples": rounds * n * steps * batch,
-        "samples_per_client": rounds * steps * batch,
+        "steps_per_client": per_client,
+        "total_steps": sum(per_client),
+        "total_samples": sum(per_client) * batch,
+        "samples_per_client": [x * batch for x in per_client],
     }
 
 
@@ -77,8 +85,15 @@ class _Baseline:
     def seed(self, *parts: int) -> int:
         return train.derive_seed(self.cfg.seed, _SEED_TAG[self.kind], *parts)
 
-    def stream(self, dataset: Any, seed: int):
-        return data.batch_stream(dataset, self.cfg.train.batch_size, self.cfg.train.num_workers, seed)
+    def stream(self, dataset: Any, seed: int, weights: torch.Tensor | None = None):
+        return data.batch_stream(dataset, self.cfg.train.batch_size, self.cfg.train.num_workers, seed, weights)
+
+    def pooled_weights(self) -> torch.Tensor | None:
+        """Per-frame draw weights of the pooled training set: none (uniform over frames) for
+        fl.weighting=frames; 1 / (client's frames) for uniform, so every client is drawn as often."""
+        if self.cfg.fl.weighting == "frames":
+            return None
+        return torch.cat([torch.full((len(s),), 1.0 / len(s), dtype=torch.float64) for s in self.train_sets])
 
     def finish_round(self, record: dict[str, Any], t0: float, train_seconds: float, eval_seconds: float) -> None:
         record["bytes_sent"] = record["bytes_received"] = 0
@@ -114,9 +129,9 @@ def run_centralized(
     try:
         b = budget(cfg)
         pooled = torch.utils.data.ConcatDataset(base.train_sets)
-        optimizer, scheduler = train.make_optimizer(base.bundle.policy, b["total_steps"], 0)
+        optimizer, scheduler = train.make_optimizer(base.bundle.policy, b["total_steps"], 0, cfg.train.warmup_steps)
         torch.manual_seed(base.seed())
-        stream = base.stream(pooled, base.seed(0))
+        stream = base.stream(pooled, base.seed(0), base.pooled_weights())
         base.evaluate_round0()
         for server_round in range(1, cfg.fl.num_rounds + 1):
             t0 = time.perf_counter()
@@ -125,7 +140,7 @@ def run_centralized(
                 stream,
                 optimizer,
                 scheduler,
-                b["centralized_steps_per_round"],
+                b["centralized_steps_per_round"][server_round - 1],
                 cfg,
                 label=f"centralized, round {server_round}",
             )
@@ -161,7 +176,7 @@ def run_local_only(
         for i, train_set in enumerate(base.train_sets):  # one optimizer per client over the same parameters
             model.set_trainable(policy, base.initial)
             weights.append(dict(base.initial))
-            optimizers.append(train.make_optimizer(policy, b["rounds"] * b["local_steps_per_round"], 0))
+            optimizers.append(train.make_optimizer(policy, b["steps_per_client"][i], 0, cfg.train.warmup_steps))
             streams.append(base.stream(train_set, base.seed(i)))
         base.evaluate_round0()
         names = [c.name for c in base.clients]
@@ -169,6 +184,8 @@ def run_local_only(
             t0 = time.perf_counter()
             per_client: dict[str, Any] = {}
             for i, name in enumerate(names):
+                if i not in b["sampled"][server_round - 1]:
+                    continue  # as in the federated run, this client does not train this round
                 model.set_trainable(policy, weights[i])
                 torch.manual_seed(base.seed(server_round, i))
                 optimizer, scheduler = optimizers[i]

@@ -28,8 +28,8 @@ BASELINES = ("centralized", "local-only")
 def plan(
     preset: str, strategies: list[str], baselines: list[str], seeds: int, overrides: dict[str, Any], runs_dir: Path
 ) -> list[tuple[str, str, ExperimentConfig]]:
-    """(row label, kind, config) of every run, checked before any starts. FedProx keeps fl.proximal_mu;
-    the other strategies run with mu = 0 (the clients would otherwise add the proximal term to them too)."""
+    """(row label, kind, config) of every run, checked before any starts (only fedprox applies
+    fl.proximal_mu; the baselines have no proximal term)."""
     unknown = [s for s in strategies if s not in STRATEGIES] + [b for b in baselines if b not in BASELINES]
     if unknown:
         raise ConfigError(
@@ -44,11 +44,10 @@ def plan(
         seed = first.seed + k
         common = {**overrides, "seed": seed, "output.runs_dir": str(runs_dir)}
         for strategy in strategies:
-            mu = {} if strategy == "fedprox" else {"fl.proximal_mu": 0.0}
-            cfg = load_config(preset, {**common, "fl.strategy": strategy, **mu, "output.run_id": f"{strategy}-s{seed}"})
+            cfg = load_config(preset, {**common, "fl.strategy": strategy, "output.run_id": f"{strategy}-s{seed}"})
             runs.append((f"federated {strategy}", "federated", cfg))
         for kind in baselines:
-            cfg = load_config(preset, {**common, "fl.proximal_mu": 0.0, "output.run_id": f"{kind}-s{seed}"})
+            cfg = load_config(preset, {**common, "output.run_id": f"{kind}-s{seed}"})
             runs.append((kind, kind, cfg))
     return runs
 

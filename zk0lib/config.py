@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+WEIGHTINGS = ("frames", "uniform")  # how client updates are weighted in the mean (see FLConfig.weighting)
 TRANSPORT_DTYPES = ("float32", "bfloat16")
 SOURCES = ("hub", "local", "synthetic", "sim")
 EVAL_WHERE = ("server", "clients")
@@ -95,10 +96,11 @@ class TrainConfig:
 class FLConfig:
     strategy: str = "fedprox"
     num_rounds: int = 3
-    proximal_mu: float = 0.01  # FedProx term weight; applied by the clients for any strategy
-    fraction_train: float = 1.0
+    proximal_mu: float = 0.01  # FedProx term weight: sent to clients by fedprox only (0 for the others)
+    fraction_train: float = 1.0  # share of clients sampled to train each round (seeded, by partition id)
     fraction_evaluate: float = 1.0  # share of clients asked to evaluate when eval.where=clients
-    min_train_clients: int = 0  # 0: all clients
+    min_train_clients: int = 0  # usable updates a round needs (0: every sampled client's)
+    weighting: str = "frames"  # frames: a client's update weighs its training frames (FedAvg); uniform: equal
     min_evaluate_clients: int = 0
     min_available_clients: int = 0
     transport_dtype: str = "float32"
@@ -112,6 +114,15 @@ class FLConfig:
     client_num_cpus: int = 2  # simulation resources per client
     client_num_gpus: float = 0.0
 
+    @property
+    def applied_mu(self) -> float:
+        """The proximal weight clients train with: FedProx's mu, 0 for every other strategy."""
+        return self.proximal_mu if self.strategy == "fedprox" else 0.0
+
+    def sample_size(self, n_clients: int) -> int:
+        """Clients sampled to train each round: Flower's max(int(n x fraction_train), min_train_nodes)."""
+        return max(int(n_clients * self.fraction_train), self.min_train_clients or 1)
+
 
 @dataclass
 class EvalConfig:
@@ -121,7 +132,8 @@ class EvalConfig:
     max_frames: int | None = None  # held-out frames per client for the loss (None: all)
     action_frames: int = 16  # held-out frames per client whose action chunk is sampled
     seed: int = 0
-    bootstrap: int = 1000
+    interval: str = "t"  # t: Student-t over episodes (stratified by client); bootstrap: percentile bootstrap
+    bootstrap: int = 1000  # resamples of eval.interval=bootstrap
     rollout_episodes: int = 0  # closed-loop episodes per simulated lab (0: none)
     rollout_every: int = 0  # rounds between closed-loop evaluations (0: after the last round only)
     rollout_max_frames: int = 450  # 15 s at 30 fps
@@ -525,6 +537,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         v = getattr(f, name)
         need(0 <= v <= 1, f"fl.{name} must be in [0, 1] (got {v})")
     need(f.fraction_train > 0, "fl.fraction_train must be > 0: no client would train")
+    need(f.weighting in WEIGHTINGS, f"fl.weighting: {' or '.join(WEIGHTINGS)}, got {f.weighting!r}")
     n = len(d.clients)
     for name in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
         v = getattr(f, name)
@@ -559,6 +572,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     need(e.max_frames is None or e.max_frames >= 1, f"eval.max_frames must be >= 1 or none (got {e.max_frames})")
     need(e.action_frames >= 0, f"eval.action_frames must be >= 0 (got {e.action_frames})")
     need(e.bootstrap >= 0, f"eval.bootstrap must be >= 0 (got {e.bootstrap})")
+    need(e.interval in ("t", "bootstrap"), f"eval.interval: t or bootstrap, got {e.interval!r}")
     need(e.rollout_episodes >= 0, f"eval.rollout_episodes must be >= 0 (got {e.rollout_episodes})")
     need(e.rollout_every >= 0, f"eval.rollout_every must be >= 0 (got {e.rollout_every})")
     need(e.rollout_max_frames >= 1, f"eval.rollout_max_frames must be >= 1 (got {e.rollout_max_frames})")

@@ -31,6 +31,13 @@ class ClientData:
     train_episodes: list[int]
     heldout_episodes: list[int]
 
+    @property
+    def train_frames(self) -> int:
+        """Frames of the training episodes (from the metadata: nothing is decoded)."""
+        eps = self.meta.episodes
+        lengths = dict(zip(eps["episode_index"], eps["length"], strict=True))
+        return int(sum(lengths[e] for e in self.train_episodes))
+
 
 def dataset_location(cfg: ExperimentConfig, client: ClientConfig, progress=None) -> tuple[str, Path | None]:
     """(repo_id, root) of the dataset a client trains on: its source, or with data.repair the repaired
@@ -172,14 +179,17 @@ def _one_thread_worker(_: int) -> None:
 
 
 class _SeededPermutation(torch.utils.data.Sampler):
-    """Each pass a permutation fixed by `seed` (the same order RandomSampler draws from that seed)."""
+    """Each pass a permutation fixed by `seed` (the same order RandomSampler draws from that seed), or with
+    `weights`, n draws with replacement in proportion to them."""
 
-    def __init__(self, n: int):
-        self.n, self.seed = n, 0
+    def __init__(self, n: int, weights: torch.Tensor | None = None):
+        self.n, self.seed, self.weights = n, 0, weights
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed)
         torch.empty((), dtype=torch.int64).random_(generator=g)  # the draw a seeded DataLoader makes first
+        if self.weights is not None:
+            return iter(torch.multinomial(self.weights, self.n, replacement=True, generator=g).tolist())
         return iter(torch.randperm(self.n, generator=g).tolist())
 
     def __len__(self) -> int:
@@ -191,9 +201,11 @@ class BatchStream:
     worker processes live as long as the stream: a client keeps its stream across rounds, so a round
     starts without spawning workers or reopening videos."""
 
-    def __init__(self, dataset: Any, batch_size: int, num_workers: int):
+    def __init__(self, dataset: Any, batch_size: int, num_workers: int, weights: torch.Tensor | None = None):
         wrapped = SkipUndecodable(dataset)
-        self.sampler = _SeededPermutation(len(wrapped))
+        if weights is not None and len(weights) != len(wrapped):
+            raise ValueError(f"{len(weights)} sampling weights for a dataset of {len(wrapped)} frames")
+        self.sampler = _SeededPermutation(len(wrapped), weights)
         self.loader = torch.utils.data.DataLoader(
             wrapped,
             batch_size=min(batch_size, len(wrapped)),
@@ -221,6 +233,12 @@ class BatchStream:
         self._pending = None
         return self._current
 
+    def close(self) -> None:
+        """Stop the current iterator and its worker processes (their prefetched batches go with them)."""
+        if self._current is not None:
+            self._current.close()
+        self._current, self._pending = None, None
+
     def prefetch(self, seed: int) -> None:
         """Start decoding the first batches for `seed` (e.g. the next round's) while this process waits."""
         self.batches(seed)
@@ -235,6 +253,7 @@ class BatchStream:
             epoch += 1
 
 
-def batch_stream(dataset: Any, batch_size: int, num_workers: int, seed: int):
-    """Endless shuffled batches, reproducible from `seed`; each pass over the data reshuffles."""
-    return BatchStream(dataset, batch_size, num_workers).batches(seed)
+def batch_stream(dataset: Any, batch_size: int, num_workers: int, seed: int, weights: torch.Tensor | None = None):
+    """Endless shuffled batches, reproducible from `seed`; each pass over the data reshuffles (or, with
+    per-frame `weights`, draws frames in proportion to them)."""
+    return BatchStream(dataset, batch_size, num_workers, weights).batches(seed)

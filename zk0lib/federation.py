@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import resource
 import time
@@ -189,6 +190,12 @@ class _Local:
         return self.train_set, self.heldout_set
 
     def train_stream(self, cfg: ExperimentConfig) -> data.BatchStream:
+        """This client's batch stream; the only live one in the process: a Ray actor serves many clients in
+        turn, and every idle stream would keep its worker processes and a prefetched round in memory."""
+        for other in _PROCESS.values():
+            if isinstance(other, _Local) and other is not self and other.stream is not None:
+                other.stream.close()
+                other.stream = None
         if self.stream is None:
             self.stream = data.BatchStream(self.train_set, cfg.train.batch_size, cfg.train.num_workers)
         return self.stream
@@ -241,6 +248,7 @@ def client_describe(msg: Message, context: Context) -> Message:
             "frames": int(meta.total_frames),
             "episodes": int(meta.total_episodes),
             "train-episodes": len(local.data.train_episodes),
+            "train-frames": local.data.train_frames,
             "heldout-episodes": len(local.data.heldout_episodes),
             "features": json.dumps(meta.features, default=list),
             "robot-type": str(meta.robot_type or ""),
@@ -276,15 +284,8 @@ def client_train(msg: Message, context: Context) -> Message:
     received = decode_arrays(msg.content["arrays"])
     model.set_trainable(bundle.policy, received)
     t_train = time.perf_counter()
-    metrics = train.train_round(
-        bundle,
-        local.train_stream(cfg),
-        cfg,
-        server_round,
-        pid,
-        float(conf.get("proximal-mu", 0.0)),
-        local.data.name,
-    )
+    mu = float(conf.get("proximal-mu", 0.0))  # only FedProx's configure_train sends it
+    metrics = train.train_round(bundle, local.train_stream(cfg), cfg, server_round, pid, mu, local.data.name)
     local.prefetch_round(cfg, server_round + 1)  # decoded while the server aggregates and evaluates
     fault = injected_fault(cfg, pid, server_round)
     t_encode = time.perf_counter()
@@ -296,7 +297,8 @@ def client_train(msg: Message, context: Context) -> Message:
         arrays = _corrupt(arrays, fault)
     now = time.perf_counter()
     metrics |= {
-        "num-examples": metrics["samples"],
+        "num-examples": update_weight(cfg, local.data.train_frames),
+        "proximal_mu": mu,
         "partition-id": pid,
         "payload-bytes": payload_bytes(arrays),
         "setup_seconds": t_decode - t0,  # config, datasets and the policy (built in the first round only)
@@ -319,6 +321,13 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     model.set_trainable(bundle.policy, decode_arrays(msg.content["arrays"]))
     result = train.evaluate(bundle, heldout, cfg)
     return Message(RecordDict({"metrics": MetricRecord(eval_to_metrics(result, pid))}), reply_to=msg)
+
+
+def update_weight(cfg: ExperimentConfig, train_frames: int) -> int:
+    """What a client's update weighs in the strategy's mean (its `num-examples`): its training frames
+    (fl.weighting=frames, FedAvg's n_k, the objective centralized training on the pooled frames has), or the
+    same for every client (uniform)."""
+    return train_frames if cfg.fl.weighting == "frames" else cfg.train.local_steps * cfg.train.batch_size
 
 
 def injected_fault(cfg: ExperimentConfig, pid: int, server_round: int) -> str | None:
@@ -410,7 +419,8 @@ class _Zk0Mixin:
             return messages
         t0 = time.perf_counter()
         global_w = decode_arrays(arrays)
-        encoded = encode_arrays(global_w, self.zk0.cfg.fl.transport_dtype)
+        # training starts from the transport's rounding of the global weights; evaluation judges them exactly
+        encoded = encode_arrays(global_w, self.zk0.cfg.fl.transport_dtype if phase == "train" else "float32")
         self.zk0.round_state[f"{phase}_serialize_seconds"] = time.perf_counter() - t0
         for m in messages:
             m.content["arrays"] = encoded
@@ -452,7 +462,7 @@ def make_strategy(cfg: ExperimentConfig, server: FederatedServer) -> Any:
     kwargs: dict[str, Any] = {
         "fraction_train": f.fraction_train,
         "fraction_evaluate": f.fraction_evaluate if cfg.eval.where == "clients" else 0.0,
-        "min_train_nodes": f.min_train_clients or n,
+        "min_train_nodes": f.min_train_clients or 1,  # Flower samples max(int(n x fraction_train), this)
         "min_evaluate_nodes": f.min_evaluate_clients or n,
         "min_available_nodes": f.min_available_clients or n,
     }
@@ -479,6 +489,7 @@ class FederatedServer:
     def __init__(self, cfg: ExperimentConfig, run: RunRecord, grid: Grid, resume: bool = False):
         self.cfg, self.run, self.grid, self.resume = cfg, run, grid, resume
         self.names: dict[int, str] = {}  # node id -> client name
+        self.partitions: dict[int, int] = {}  # node id -> partition id
         self.round_state: dict[str, Any] = {}
         self.book = RoundBook(cfg, run)
         self.resume_seconds: list[float] = []  # time to write checkpoints/resume, per round of this process
@@ -512,6 +523,7 @@ class FederatedServer:
             info["stats"] = stats_from_record(reply.content["stats"])
             info["features"] = json.loads(info["features"])
             self.names[reply.metadata.src_node_id] = info["name"]
+            self.partitions[reply.metadata.src_node_id] = int(info["partition-id"])
             infos.append(info)
         infos.sort(key=lambda i: i["partition-id"])
         pids = [i["partition-id"] for i in infos]
@@ -565,18 +577,13 @@ class FederatedServer:
         counts = model.parameter_counts(self.bundle.policy)
         self.run.update_summary(
             parameters=counts,
-            clients={
-                i["name"]: {
-                    k: i[k] for k in ("partition-id", "episodes", "frames", "train-episodes", "heldout-episodes")
-                }
-                for i in infos
-            },
+            clients={i["name"]: {k: i[k] for k in _CLIENT_SUMMARY_KEYS} for i in infos},
         )
         t = time.perf_counter()
         self.heldout = HeldOutSets(cfg, self.bundle.config, clients=cfg.eval.where == "server")
         started["open_eval_sets"] = time.perf_counter() - t
         self.run.update_summary(startup_seconds=started)
-        shared = {"frozen-fingerprint": model.frozen_fingerprint(self.bundle.policy), "num-rounds": cfg.fl.num_rounds}
+        train_config, evaluate_config = round_configs(cfg, model.frozen_fingerprint(self.bundle.policy))
         strategy = make_strategy(cfg, self)
         arrays = to_numpy_record(model.get_trainable(self.bundle.policy))
         first = 1
@@ -587,9 +594,9 @@ class FederatedServer:
             f"strategy {cfg.fl.strategy}, {cfg.fl.num_rounds} rounds x {cfg.train.local_steps} local steps"
             + (f", resumed after round {first - 1}" if first > 1 else "")
         )
-        train_config = ConfigRecord({**shared, "proximal-mu": cfg.fl.proximal_mu})
-        evaluate_config = ConfigRecord(shared)
-        if first == 1:
+        if first == 1:  # the starting model, judged as every later round is
+            self.start_round(0)
+            self.evaluate_on_clients(strategy, 0, arrays, evaluate_config)
             self.end_of_round(0, arrays)
         for server_round in range(first, cfg.fl.num_rounds + 1):
             arrays = self.one_round(strategy, server_round, arrays, train_config, evaluate_config)
@@ -605,20 +612,25 @@ class FederatedServer:
         """Train, aggregate, evaluate and record one round (the loop of Flower's Strategy.start), then save
         what a resumed run needs to continue after it."""
         timeout = self.cfg.fl.round_timeout_s
-        replies = self.grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config, self.grid), timeout=timeout
-        )
+        random.seed(train.sampling_seed(self.cfg, server_round))  # Flower's strategies sample with `random`
+        messages = strategy.configure_train(server_round, arrays, train_config, _PartitionOrder(self))
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
         aggregated, _ = strategy.aggregate_train(server_round, replies)
         arrays = aggregated if aggregated is not None else arrays
-        messages = strategy.configure_evaluate(server_round, arrays, eval_config, self.grid)
-        if messages:
-            strategy.aggregate_evaluate(server_round, self.grid.send_and_receive(messages, timeout=timeout))
+        self.evaluate_on_clients(strategy, server_round, arrays, eval_config)
         self.end_of_round(server_round, arrays)
         t = time.perf_counter()
         save_resume_state(self.run, server_round, arrays, strategy_state(strategy), self.book)
         self.resume_seconds.append(time.perf_counter() - t)
         self.run.update_summary(resume_checkpoint_seconds=self.resume_seconds)
         return arrays
+
+    def evaluate_on_clients(self, strategy: Any, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> None:
+        """With eval.where=clients, the clients judge `arrays` (fp32) on their held-out episodes."""
+        messages = strategy.configure_evaluate(server_round, arrays, config, self.grid)
+        if messages:
+            replies = self.grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout_s)
+            strategy.aggregate_evaluate(server_round, replies)
 
     def restore(self, strategy: Any) -> tuple[int, ArrayRecord]:
         """The round to start from and the global weights, with the strategy's and the book's state."""
@@ -655,6 +667,7 @@ class FederatedServer:
             reply.content["arrays"] = to_numpy_record(weights)
             metrics = dict(reply.content["metrics"])
             st["train"][name] = {k: v for k, v in metrics.items() if k != "num-examples"}
+            st["train"][name]["weight"] = float(metrics["num-examples"])
             accepted.append(reply)
         replied = {r.metadata.src_node_id for r in replies}
         for node in st.get("train_nodes", []):
@@ -664,7 +677,7 @@ class FederatedServer:
                 st["failures"].append({"client": name, "round": server_round, "reason": reason})
         st["bytes_received"] = received
         st["decode_seconds"] = time.perf_counter() - t_decode
-        need = self.cfg.fl.min_train_clients or len(self.cfg.data.clients)
+        need = self.cfg.fl.min_train_clients or len(st["train_nodes"])
         if len(accepted) < need:
             reasons = "; ".join(f"{f['client']}: {f['reason']}" for f in st["failures"]) or "no replies"
             raise RuntimeError(
@@ -686,10 +699,8 @@ class FederatedServer:
                 self.round_state["client_evals"][name] = eval_from_metrics(dict(reply.content["metrics"]))
 
     def end_of_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Flower calls this after every round (and before round 1): evaluate, record, checkpoint."""
+        """After every round (and before round 1): evaluate, record, checkpoint."""
         cfg, st, book = self.cfg, self.round_state, self.book
-        if server_round == 0:
-            self.start_round(0)
         t_eval = time.perf_counter()
         model.set_trainable(self.bundle.policy, decode_arrays(arrays))
         evals: dict[str, Any] = {}
@@ -704,10 +715,16 @@ class FederatedServer:
         if server_round > 0:
             record = book.train_record(server_round, st.get("train", {}))
             record |= {
+                "sampled": [
+                    self.names.get(n, f"node-{n}")
+                    for n in sorted(st.get("train_nodes", []), key=lambda n: self.partitions.get(n, 0))
+                ],
                 "bytes_sent": st.get("train_bytes_sent", 0) + st.get("evaluate_bytes_sent", 0),
                 "bytes_received": st.get("bytes_received", 0),
                 "failures": st.get("failures", []),
             }
+        elif st.get("evaluate_bytes_sent"):  # round 0, judged by the clients
+            record["bytes_sent"] = st["evaluate_bytes_sent"]
         if evals:
             record["eval"] = {"clients": evals, "mean": mean}
         if extra:
@@ -733,6 +750,31 @@ class FederatedServer:
         }
         book.commit(record)
         return MetricRecord({k: v for k, v in mean.items() if isinstance(v, float)})
+
+
+def round_configs(cfg: ExperimentConfig, frozen_fingerprint: str) -> tuple[ConfigRecord, ConfigRecord]:
+    """What the server adds to every train and evaluate message; the strategy adds its own (the round,
+    and FedProx its proximal-mu: no other strategy sends one)."""
+    shared = {"frozen-fingerprint": frozen_fingerprint, "num-rounds": cfg.fl.num_rounds}
+    return ConfigRecord(dict(shared)), ConfigRecord(dict(shared))
+
+
+_CLIENT_SUMMARY_KEYS = ("partition-id", "episodes", "frames", "train-episodes", "train-frames", "heldout-episodes")
+
+
+class _PartitionOrder:
+    """The grid as the strategy samples from it: node ids in partition order, so the seeded sample picks the
+    same clients in every run (train.sampled_clients), whatever ids the nodes got."""
+
+    def __init__(self, server: FederatedServer):
+        self.server = server
+
+    def get_node_ids(self) -> list[int]:
+        order = self.server.partitions
+        return sorted(self.server.grid.get_node_ids(), key=lambda node: order.get(node, 1 << 30))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.server.grid, name)
 
 
 class _StatsOnly:

@@ -79,7 +79,7 @@ def model_card(run: RunRecord, repo_id: str, checkpoint: str) -> Any:
         "",
         "| setting | value |",
         "|---|---|",
-        f"| strategy | {f.strategy} (proximal mu {f.proximal_mu}) |",
+        f"| strategy | {f.strategy} (proximal mu {f.applied_mu}) |",
         f"| rounds x local optimizer steps | {f.num_rounds} x {t.local_steps} |",
         f"| batch size, learning rate | {t.batch_size}, {t.lr if t.lr is not None else 'policy preset'} |",
         f"| trainable / total parameters | {_count(summary, 'trainable')} / {_count(summary, 'total')} |",

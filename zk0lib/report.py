@@ -129,7 +129,9 @@ def run_row(run: RunRecord) -> dict[str, Any]:
         "clients": len(cfg["data"]["clients"]),
         "rounds": f"{summary.get('rounds_completed', 0)}/{cfg['fl']['num_rounds']}",
         "local_steps": cfg["train"]["local_steps"],
-        "mu": cfg["fl"]["proximal_mu"],
+        "mu": cfg["fl"]["proximal_mu"]
+        if raw.get("kind", "federated") == "federated" and cfg["fl"]["strategy"] == "fedprox"
+        else 0.0,
         "lr": cfg["train"]["lr"],
         "batch": cfg["train"]["batch_size"],
         "transport": cfg["fl"]["transport_dtype"],

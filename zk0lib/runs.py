@@ -211,32 +211,43 @@ def save_resume_state(run: RunRecord, server_round: int, arrays: Any, strategy: 
     from safetensors.numpy import save_file
 
     final = run.checkpoint("resume")
-    tmp = final.with_name(".resume.tmp")
+    tmp, old = final.with_name(".resume.tmp"), final.with_name(".resume.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: a.numpy() for k, a in arrays.items()}, str(tmp / "global.safetensors"))
     flat = {f"{name}/{k}": v for name, values in strategy.items() for k, v in values.items()}
     save_file(flat, str(tmp / "strategy.safetensors"))
     write_json(tmp / "state.json", {"round": server_round, "book": book.state(), "rng": _rng_state()})
-    old = final.with_name(".resume.old")
+    # state.json is written last, so a folder that has one is complete. A crash between the two renames
+    # leaves only .resume.old: _resume_folder falls back to it (the previous round, redone on resume).
     if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _resume_folder(run: RunRecord) -> Path | None:
+    """The newest complete resume state: checkpoints/resume, else the one a crash mid-swap left behind."""
+    final = run.checkpoint("resume")
+    for folder in (final, final.with_name(".resume.old")):
+        if (folder / "state.json").exists():
+            return folder
+    return None
+
+
 def resume_round(run: RunRecord) -> int | None:
     """The last round a resume state was saved after (None when there is none), without loading it."""
-    state = run.checkpoint("resume") / "state.json"
-    return read_json(state)["round"] if state.exists() else None
+    folder = _resume_folder(run)
+    return read_json(folder / "state.json")["round"] if folder else None
 
 
 def load_resume_state(run: RunRecord) -> dict[str, Any] | None:
     """The last complete round's resume state (RNG states restored), or None when there is none."""
     from safetensors.numpy import load_file
 
-    folder = run.checkpoint("resume")
-    if not (folder / "state.json").exists():
+    folder = _resume_folder(run)
+    if folder is None:
         return None
     state = read_json(folder / "state.json")
     strategy: dict[str, dict] = {}

@@ -28,10 +28,11 @@ from zk0lib.config import BASE, BASE_DIR_ENV, TINY, ExperimentConfig, resolve_pr
 from zk0lib.data import dataset_location, load_metadata
 from zk0lib.federation import encode_config
 from zk0lib.model import check_pretrained, ensure_tiny_vlm
-from zk0lib.runs import RunRecord, truncate_rounds, utc_now
+from zk0lib.runs import RunRecord, resume_round, truncate_rounds, utc_now
 from zk0lib.validate import Report, check_before_training
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAY_START_FAILURE = re.compile(r"Failed to connect to GCS|Could not start Ray|RaySystemError")
 
 
 class FederatedRunError(RuntimeError):
@@ -158,6 +159,8 @@ def flower_env(cfg: ExperimentConfig, flwr_home: Path) -> dict[str, str]:
             BASE_DIR_ENV: resolve_pretrained(BASE),  # the FAB Flower runs the apps from has no weights
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "PYTHONUNBUFFERED": "1",
+            # Ray's GCS client gives up after 5 s by default: too short on a loaded 2-core machine
+            "RAY_gcs_rpc_server_connect_timeout_s": os.environ.get("RAY_gcs_rpc_server_connect_timeout_s", "60"),
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
     )
@@ -322,12 +325,12 @@ def resume_federated(run_dir: str | Path, progress: Callable[[str], None] | None
         raise FederatedRunError(f"run {run.run_id} is a {summary['kind']} run; only federated runs resume")
     if summary.get("status") == "completed":
         raise FederatedRunError(f"run {run.run_id} already completed all its rounds; nothing to resume")
-    state = run.checkpoint("resume") / "state.json"
-    if not state.exists():
+    last = resume_round(run)
+    if last is None:
         raise FederatedRunError(
-            f"run {run.run_id} stopped before completing a round (no {state}); start it again with zk0 train"
+            f"run {run.run_id} stopped before completing a round (no {run.checkpoint('resume')}); "
+            "start it again with zk0 train"
         )
-    last = json.loads(state.read_text())["round"]
     truncate_rounds(run, last)
     resumed = [*summary.get("resumed", []), {"at": utc_now(), "after_round": last}]
     run.update_summary(status="running", error=None, resumed=resumed)
@@ -346,6 +349,33 @@ def run_federated(
     t0 = time.perf_counter()
     run = start_run(cfg, "federated", progress, run)
     log_path = run.path / "flower.log"
+    status = _simulate(cfg, run, log_path, progress, resume)
+    if status != "finished:completed" and ray_did_not_start(run, log_path):
+        failed_log = log_path.with_name("flower-ray-failed.log")
+        log_path.replace(failed_log)
+        if progress is not None:
+            progress(f"Ray did not start ({_last_error(failed_log)}); trying once more (log: {failed_log.name})")
+        status = _simulate(cfg, run, log_path, progress, resume)
+    return finish_run(run, t0, log_path, status)
+
+
+def ray_did_not_start(run: RunRecord, log_path: Path) -> bool:
+    """True when the simulation failed in Ray's start-up (before the ServerApp recorded anything): a
+    machine-load problem worth one more try, not a problem of the run."""
+    if run.summary().get("status") != "running" or not log_path.exists():
+        return False
+    text = log_path.read_text(errors="replace")
+    return "[zk0] " not in text and bool(_RAY_START_FAILURE.search(text))
+
+
+def _simulate(
+    cfg: ExperimentConfig,
+    run: RunRecord,
+    log_path: Path,
+    progress: Callable[[str], None] | None,
+    resume: bool,
+) -> str:
+    """One `flwr run` of the app on a fresh private SuperLink; Flower's final status of the run."""
     status = "unknown"
     with failing_run(run), LocalSuperLink(cfg, log_path) as link:
         fed = (
@@ -368,4 +398,4 @@ def run_federated(
         flower_run_id = stream_flwr_run(cmd, link.env, log_path, progress)
         if flower_run_id:
             status = link.run_status(flower_run_id)
-    return finish_run(run, t0, log_path, status)
+    return status

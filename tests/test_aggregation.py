@@ -1,0 +1,216 @@
+"""The server's round in process: Flower's real strategies behind zk0's transport, checked by hand.
+
+Each test builds the messages a strategy's `configure_train` sends, answers them as clients would
+(`Message(..., reply_to=...)`) and aggregates with `aggregate_train`: no Flower run, so the sums can be
+checked against a hand calculation to float precision."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import random
+import secrets
+import time
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from zk0lib import federation, train
+from zk0lib.config import load_config
+from zk0lib.runs import RunRecord
+
+
+class NodeList:
+    """The one call a strategy makes of Flower's Grid while configuring a round: the connected node ids."""
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.ids)
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """What Flower sets in a ServerApp process before messages can be made."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def _cfg(n_clients: int, **fl):
+    cfg = load_config("smoke")
+    base = cfg.data.clients[0]
+    cfg.data.clients = [dataclasses.replace(base, name=f"c{i}") for i in range(n_clients)]
+    for key, value in fl.items():
+        setattr(cfg.fl, key, value)
+    return cfg
+
+
+def _server(cfg, node_ids: list[int]) -> federation.FederatedServer:
+    """A FederatedServer whose clients have described themselves (node i serves partition order[i])."""
+    cfg.output.run_id = f"aggregation-{secrets.token_hex(4)}"
+    server = federation.FederatedServer(cfg, RunRecord.create(cfg), NodeList(node_ids))
+    for pid, node in enumerate(node_ids):
+        server.names[node], server.partitions[node] = cfg.data.clients[pid].name, pid
+    server.stats_record = ArrayRecord()
+    return server
+
+
+def _weights(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"layer.weight": torch.randn(3, 4, generator=g), "layer.bias": torch.randn(4, generator=g)}
+
+
+def _train_messages(server, strategy, global_w, server_round=1):
+    random.seed(train.sampling_seed(server.cfg, server_round))
+    arrays = federation.to_numpy_record(global_w)
+    train_config, _ = federation.round_configs(server.cfg, "fingerprint")
+    return list(strategy.configure_train(server_round, arrays, train_config, federation._PartitionOrder(server)))
+
+
+def _reply(msg: Message, local_w, received, dtype: str, num_examples: int, pid: int) -> Message:
+    arrays = federation.encode_arrays(local_w, dtype, reference=received if dtype != "float32" else None)
+    metrics = MetricRecord({"num-examples": num_examples, "partition-id": pid, "samples": 8, "train_loss": 1.0})
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+def _round(cfg, local: dict[int, dict], examples: dict[int, int], global_w):
+    """Configure, answer (client pid with local[pid], num-examples examples[pid]) and aggregate one round."""
+    nodes = [101, 57, 9, 230][: len(cfg.data.clients)]
+    server = _server(cfg, nodes)
+    strategy = federation.make_strategy(cfg, server)
+    messages = _train_messages(server, strategy, global_w)
+    replies = []
+    for m in messages:
+        pid = server.partitions[m.metadata.dst_node_id]
+        received = federation.decode_arrays(m.content["arrays"])
+        replies.append(_reply(m, local[pid], received, cfg.fl.transport_dtype, examples[pid], pid))
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    return federation.decode_arrays(aggregated), server, messages
+
+
+def test_fedavg_is_the_num_examples_weighted_mean_of_fp32_updates():
+    cfg = _cfg(3, strategy="fedavg")
+    global_w, local = _weights(0), {i: _weights(i + 1) for i in range(3)}
+    examples = {0: 10, 1: 30, 2: 60}
+    out, _, _ = _round(cfg, local, examples, global_w)
+    for k in global_w:
+        expected = sum(examples[i] * local[i][k] for i in range(3)) / 100
+        torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-6)
+
+
+def test_fedavg_of_bf16_deltas_adds_the_rounded_mean_delta_to_the_global_weights():
+    cfg = _cfg(2, strategy="fedavg", transport_dtype="bfloat16")
+    global_w, local = _weights(0), {i: _weights(i + 1) for i in range(2)}
+    out, _, messages = _round(cfg, local, {0: 1, 1: 3}, global_w)
+    assert all(a.dtype == "bfloat16" for a in messages[0].content["arrays"].values())
+    sent = {k: v.to(torch.bfloat16).float() for k, v in global_w.items()}  # what the clients start from
+    for k in global_w:
+        deltas = [(local[i][k] - sent[k]).to(torch.bfloat16).float() for i in range(2)]
+        expected = global_w[k] + (1 * deltas[0] + 3 * deltas[1]) / 4
+        torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(out[k], (local[0][k] + 3 * local[1][k]) / 4, rtol=0, atol=1e-4)
+
+
+def test_fedadam_takes_one_bias_corrected_adam_step_on_the_mean_update():
+    eta, b1, b2, tau = 0.05, 0.9, 0.99, 1e-3
+    cfg = _cfg(2, strategy="fedadam", server_lr=eta, server_beta1=b1, server_beta2=b2, server_tau=tau)
+    global_w, local = _weights(0), {i: _weights(i + 1) for i in range(2)}
+    out, _, _ = _round(cfg, local, {0: 1, 1: 1}, global_w)
+    eta_norm = eta * np.sqrt(1 - b2**2) / (1 - b1**2)  # Flower's correction at server round 1
+    for k in global_w:
+        delta = (local[0][k] + local[1][k]) / 2 - global_w[k]
+        m, v = (1 - b1) * delta, (1 - b2) * delta**2
+        expected = global_w[k] + eta_norm * m / (v.sqrt() + tau)
+        torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("strategy", "mu"), [("fedavg", None), ("fedadam", None), ("fedprox", 0.01)])
+def test_only_fedprox_sends_a_proximal_term(strategy, mu):
+    cfg = _cfg(2, strategy=strategy, proximal_mu=0.01)
+    server = _server(cfg, [5, 6])
+    messages = _train_messages(server, federation.make_strategy(cfg, server), _weights(0))
+    assert [m.content["config"].get("proximal-mu") for m in messages] == [mu, mu]
+    assert cfg.fl.applied_mu == (mu or 0.0)
+
+
+def test_fraction_train_samples_the_same_partitions_whatever_the_node_ids():
+    cfg = _cfg(4, strategy="fedavg", fraction_train=0.5)
+    chosen = []
+    for nodes in ([11, 12, 13, 14], [904, 3, 77, 15]):
+        server = _server(cfg, nodes)
+        messages = _train_messages(server, federation.make_strategy(cfg, server), _weights(0), server_round=3)
+        chosen.append(sorted(server.partitions[m.metadata.dst_node_id] for m in messages))
+    assert chosen[0] == chosen[1] == train.sampled_clients(cfg, 3)
+    assert len(chosen[0]) == 2
+    rounds = [tuple(train.sampled_clients(cfg, r)) for r in range(1, 9)]
+    assert len(set(rounds)) > 1  # a new sample every round
+
+
+def test_a_round_needs_every_sampled_client_unless_min_train_clients_says_less():
+    cfg = _cfg(4, strategy="fedavg", fraction_train=0.5)
+    global_w = _weights(0)
+    server = _server(cfg, [1, 2, 3, 4])
+    strategy = federation.make_strategy(cfg, server)
+    messages = _train_messages(server, strategy, global_w)
+    received = federation.decode_arrays(messages[0].content["arrays"])
+    one = [
+        _reply(messages[0], _weights(1), received, "float32", 5, server.partitions[messages[0].metadata.dst_node_id])
+    ]
+    with pytest.raises(RuntimeError, match="only 1 usable client updates, fl.min_train_clients=2 needed"):
+        strategy.aggregate_train(1, one)
+    cfg.fl.min_train_clients = 1
+    aggregated, _ = strategy.aggregate_train(1, one)
+    assert aggregated is not None
+
+
+def test_update_weight_follows_fl_weighting():
+    cfg = _cfg(2)
+    assert cfg.fl.weighting == "frames" and federation.update_weight(cfg, 1234) == 1234
+    cfg.fl.weighting = "uniform"
+    assert federation.update_weight(cfg, 1234) == federation.update_weight(cfg, 5) > 0
+
+
+def test_clients_evaluate_the_fp32_global_weights_when_training_travels_in_bf16():
+    cfg = _cfg(2, strategy="fedavg", transport_dtype="bfloat16")
+    cfg.eval.where = "clients"
+    server = _server(cfg, [5, 6])
+    strategy = federation.make_strategy(cfg, server)
+    global_w = _weights(0)
+    server.start_round(0)
+    arrays = federation.to_numpy_record(global_w)
+    messages = list(strategy.configure_evaluate(0, arrays, ConfigRecord({}), server.grid))
+    assert len(messages) == 2  # round 0 (the starting model) is judged too
+    judged = federation.decode_arrays(messages[0].content["arrays"])
+    for k in global_w:
+        assert torch.equal(judged[k], global_w[k])
+
+
+def test_a_process_keeps_one_live_batch_stream(smoke_cfg):
+    """A Ray actor serves many clients in turn: only the client training now keeps loader workers."""
+    import psutil
+
+    from zk0lib import model
+
+    cfg = copy.deepcopy(smoke_cfg)
+    cfg.train.num_workers = 1
+    pc = model.policy_config(cfg, torch.device("cpu"))
+    first, second = federation._local(cfg, 0), federation._local(cfg, 1)
+    for local in (first, second):
+        local.datasets(pc, None)
+    me = psutil.Process()
+    before = len(me.children())
+    next(first.train_stream(cfg).batches(1))
+    assert len(me.children()) == before + 1  # its loader worker
+    next(second.train_stream(cfg).batches(1))
+    assert first.stream is None and second.stream is not None
+    deadline = time.monotonic() + 20
+    while len(me.children()) > before + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(me.children()) == before + 1  # the first client's worker is gone
+    second.stream.close()
