@@ -1,14 +1,13 @@
 """The server's round in process: Flower's real strategies behind zk0's transport, checked by hand.
 
-Each test builds the messages a strategy's `configure_train` sends, answers them as clients would
-(`Message(..., reply_to=...)`) and aggregates with `aggregate_train`: no Flower run, so the sums can be
-checked against a hand calculation to float precision."""
+Each test has the server build the messages its strategy's `configure_train` asks for, answers them as
+clients would (`Message(..., reply_to=...)`), and lets the server screen them and the strategy aggregate:
+no Flower run, so the sums can be checked against a hand calculation to float precision."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 import secrets
 import time
 
@@ -18,8 +17,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from zk0lib import federation, train
+from zk0lib import train
 from zk0lib.config import load_config
+from zk0lib.fl import client_app, transport
+from zk0lib.fl.server_app import FederatedServer, RoundData
+from zk0lib.fl.strategy import make_strategy, round_configs, update_weight
 from zk0lib.runs import RunRecord
 
 
@@ -51,10 +53,10 @@ def _cfg(n_clients: int, **fl):
     return cfg
 
 
-def _server(cfg, node_ids: list[int]) -> federation.FederatedServer:
+def _server(cfg, node_ids: list[int]) -> FederatedServer:
     """A FederatedServer whose clients have described themselves (node i serves partition order[i])."""
     cfg.output.run_id = f"aggregation-{secrets.token_hex(4)}"
-    server = federation.FederatedServer(cfg, RunRecord.create(cfg), NodeList(node_ids))
+    server = FederatedServer(cfg, RunRecord.create(cfg), NodeList(node_ids))
     for pid, node in enumerate(node_ids):
         server.names[node], server.partitions[node] = cfg.data.clients[pid].name, pid
     server.stats_record = ArrayRecord()
@@ -66,15 +68,14 @@ def _weights(seed: int) -> dict[str, torch.Tensor]:
     return {"layer.weight": torch.randn(3, 4, generator=g), "layer.bias": torch.randn(4, generator=g)}
 
 
-def _train_messages(server, strategy, global_w, server_round=1):
-    random.seed(train.sampling_seed(server.cfg, server_round))
-    arrays = federation.to_numpy_record(global_w)
-    train_config, _ = federation.round_configs(server.cfg, "fingerprint")
-    return list(strategy.configure_train(server_round, arrays, train_config, federation._PartitionOrder(server)))
+def _train_messages(server, strategy, global_w, server_round=1) -> tuple[RoundData, list[Message]]:
+    rd = RoundData(server_round)
+    train_config, _ = round_configs(server.cfg, "fingerprint")
+    return rd, server.train_messages(strategy, rd, transport.to_numpy_record(global_w), train_config)
 
 
 def _reply(msg: Message, local_w, received, dtype: str, num_examples: int, pid: int) -> Message:
-    arrays = federation.encode_arrays(local_w, dtype, reference=received if dtype != "float32" else None)
+    arrays = transport.encode_arrays(local_w, dtype, reference=received if dtype != "float32" else None)
     metrics = MetricRecord({"num-examples": num_examples, "partition-id": pid, "samples": 8, "train_loss": 1.0})
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
@@ -83,15 +84,16 @@ def _round(cfg, local: dict[int, dict], examples: dict[int, int], global_w):
     """Configure, answer (client pid with local[pid], num-examples examples[pid]) and aggregate one round."""
     nodes = [101, 57, 9, 230][: len(cfg.data.clients)]
     server = _server(cfg, nodes)
-    strategy = federation.make_strategy(cfg, server)
-    messages = _train_messages(server, strategy, global_w)
+    strategy = make_strategy(cfg)
+    rd, messages = _train_messages(server, strategy, global_w)
     replies = []
     for m in messages:
         pid = server.partitions[m.metadata.dst_node_id]
-        received = federation.decode_arrays(m.content["arrays"])
+        received = transport.decode_arrays(m.content["arrays"])
         replies.append(_reply(m, local[pid], received, cfg.fl.transport_dtype, examples[pid], pid))
-    aggregated, _ = strategy.aggregate_train(1, replies)
-    return federation.decode_arrays(aggregated), server, messages
+    aggregated = server.aggregate(strategy, rd, replies)
+    assert sorted(rd.train) == sorted(cfg.data.clients[pid].name for pid in local)
+    return transport.decode_arrays(aggregated), server, messages
 
 
 def test_fedavg_is_the_num_examples_weighted_mean_of_fp32_updates():
@@ -134,7 +136,7 @@ def test_fedadam_takes_one_bias_corrected_adam_step_on_the_mean_update():
 def test_only_fedprox_sends_a_proximal_term(strategy, mu):
     cfg = _cfg(2, strategy=strategy, proximal_mu=0.01)
     server = _server(cfg, [5, 6])
-    messages = _train_messages(server, federation.make_strategy(cfg, server), _weights(0))
+    _, messages = _train_messages(server, make_strategy(cfg), _weights(0))
     assert [m.content["config"].get("proximal-mu") for m in messages] == [mu, mu]
     assert cfg.fl.applied_mu == (mu or 0.0)
 
@@ -144,7 +146,7 @@ def test_fraction_train_samples_the_same_partitions_whatever_the_node_ids():
     chosen = []
     for nodes in ([11, 12, 13, 14], [904, 3, 77, 15]):
         server = _server(cfg, nodes)
-        messages = _train_messages(server, federation.make_strategy(cfg, server), _weights(0), server_round=3)
+        _, messages = _train_messages(server, make_strategy(cfg), _weights(0), server_round=3)
         chosen.append(sorted(server.partitions[m.metadata.dst_node_id] for m in messages))
     assert chosen[0] == chosen[1] == train.sampled_clients(cfg, 3)
     assert len(chosen[0]) == 2
@@ -156,37 +158,38 @@ def test_a_round_needs_every_sampled_client_unless_min_train_clients_says_less()
     cfg = _cfg(4, strategy="fedavg", fraction_train=0.5)
     global_w = _weights(0)
     server = _server(cfg, [1, 2, 3, 4])
-    strategy = federation.make_strategy(cfg, server)
-    messages = _train_messages(server, strategy, global_w)
-    received = federation.decode_arrays(messages[0].content["arrays"])
-    one = [
-        _reply(messages[0], _weights(1), received, "float32", 5, server.partitions[messages[0].metadata.dst_node_id])
-    ]
+    strategy = make_strategy(cfg)
+    rd, messages = _train_messages(server, strategy, global_w)
+    received = transport.decode_arrays(messages[0].content["arrays"])
+    pid = server.partitions[messages[0].metadata.dst_node_id]
+    one = [_reply(messages[0], _weights(1), received, "float32", 5, pid)]
     with pytest.raises(RuntimeError, match="only 1 usable client updates, fl.min_train_clients=2 needed"):
-        strategy.aggregate_train(1, one)
+        server.aggregate(strategy, rd, one)
+    assert rd.failures[0]["reason"].startswith("no reply within")  # the sampled client that did not answer
     cfg.fl.min_train_clients = 1
-    aggregated, _ = strategy.aggregate_train(1, one)
-    assert aggregated is not None
+    assert server.aggregate(strategy, RoundData(1, global_w=rd.global_w, train_nodes=rd.train_nodes), one)
 
 
 def test_update_weight_follows_fl_weighting():
     cfg = _cfg(2)
-    assert cfg.fl.weighting == "frames" and federation.update_weight(cfg, 1234) == 1234
+    assert cfg.fl.weighting == "frames" and update_weight(cfg, 1234) == 1234
     cfg.fl.weighting = "uniform"
-    assert federation.update_weight(cfg, 1234) == federation.update_weight(cfg, 5) > 0
+    assert update_weight(cfg, 1234) == update_weight(cfg, 5) > 0
 
 
 def test_clients_evaluate_the_fp32_global_weights_when_training_travels_in_bf16():
     cfg = _cfg(2, strategy="fedavg", transport_dtype="bfloat16")
     cfg.eval.where = "clients"
     server = _server(cfg, [5, 6])
-    strategy = federation.make_strategy(cfg, server)
+    strategy = make_strategy(cfg)
     global_w = _weights(0)
-    server.start_round(0)
-    arrays = federation.to_numpy_record(global_w)
-    messages = list(strategy.configure_evaluate(0, arrays, ConfigRecord({}), server.grid))
-    assert len(messages) == 2  # round 0 (the starting model) is judged too
-    judged = federation.decode_arrays(messages[0].content["arrays"])
+    arrays = transport.to_numpy_record(global_w)
+    rd = RoundData(0)  # round 0 (the starting model) is judged too
+    messages = server.encode(
+        strategy.configure_evaluate(0, arrays, ConfigRecord({}), server.grid), arrays, "evaluate", rd
+    )
+    assert len(messages) == 2 and rd.bytes_sent == {"evaluate": 2 * (12 + 4) * 4}
+    judged = transport.decode_arrays(messages[0].content["arrays"])
     for k in global_w:
         assert torch.equal(judged[k], global_w[k])
 
@@ -200,7 +203,7 @@ def test_a_process_keeps_one_live_batch_stream(smoke_cfg):
     cfg = copy.deepcopy(smoke_cfg)
     cfg.train.num_workers = 1
     pc = model.policy_config(cfg, torch.device("cpu"))
-    first, second = federation._local(cfg, 0), federation._local(cfg, 1)
+    first, second = client_app._local(cfg, 0), client_app._local(cfg, 1)
     for local in (first, second):
         local.datasets(pc, None)
     me = psutil.Process()

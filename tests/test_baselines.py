@@ -7,8 +7,8 @@ import pytest
 from zk0lib import baselines, bench, report
 from zk0lib.compare import compare, compare_table, table_markdown
 from zk0lib.config import ConfigError, load_config
+from zk0lib.launch import RunResult
 from zk0lib.runs import RunRecord
-from zk0lib.simulation import RunResult
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_baselines_write_the_federated_record_format(three_kinds):
         assert [r["round"] for r in rounds] == [r["round"] for r in fed_rounds]
         for mine, theirs in zip(rounds, fed_rounds, strict=True):
             assert set(mine["eval"]["clients"]) == set(theirs["eval"]["clients"])
-            assert set(mine["eval"]["extra"]) == set(theirs["eval"]["extra"])
+            assert set(mine["eval"]["eval_only"]) == set(theirs["eval"]["eval_only"])
             assert {"loss", "loss_ci", "action_mae", "action_mae_ci"} <= set(mine["eval"]["mean"])
         # the same initial weights judged the same way: round 0 is identical in every kind of run
         assert rounds[0]["eval"]["mean"]["loss"] == pytest.approx(fed_rounds[0]["eval"]["mean"]["loss"], rel=1e-6)
@@ -62,7 +62,7 @@ def test_baselines_write_the_federated_record_format(three_kinds):
     assert set(local["models"]) == {"synth-0", "synth-1"}
     assert {"loss", "loss_ci"} <= set(local["own"])
     for model_eval in local["models"].values():  # every local model on every client's held-out episodes
-        assert set(model_eval["clients"]) == {"synth-0", "synth-1"} and "unseen" in model_eval["extra"]
+        assert set(model_eval["clients"]) == {"synth-0", "synth-1"} and "unseen" in model_eval["eval_only"]
     assert (three_kinds["local-only"].path / "checkpoints" / "final-synth-1" / "model.safetensors").exists()
 
     table = report.runs_table(three_kinds["federated"].path.parent)

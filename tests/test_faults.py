@@ -12,8 +12,9 @@ import pytest
 import torch
 from test_federation import _alive_flower_processes  # tests/ is on sys.path
 
-from zk0lib import data, federation, model, train
+from zk0lib import data, model, train
 from zk0lib.config import FAULTS_ENV, ConfigError, load_config
+from zk0lib.fl import faults, transport
 from zk0lib.runs import RunRecord
 
 
@@ -32,14 +33,14 @@ def test_fault_injection_is_refused_unless_enabled(monkeypatch):
 def test_update_screening():
     g = {"w": torch.zeros(3, 2), "b": torch.zeros(2)}
     ok = {"w": torch.full((3, 2), 0.1), "b": torch.ones(2)}
-    weights, problem = federation.screen_update(federation.encode_arrays(ok, "float32"), g, 10.0)
+    weights, problem = transport.screen_update(transport.encode_arrays(ok, "float32"), g, 10.0)
     assert problem is None and torch.equal(weights["b"], ok["b"])
-    _, problem = federation.screen_update(federation.encode_arrays(ok, "float32"), g, 1.0)
+    _, problem = transport.screen_update(transport.encode_arrays(ok, "float32"), g, 1.0)
     assert "exceeds fl.max_update_norm=1" in problem
-    bad = federation._corrupt(federation.encode_arrays(ok, "bfloat16", reference=g), "nan")
-    assert federation.screen_update(bad, g, 10.0)[1] == "update has NaN or Inf values"
-    bad = federation._corrupt(federation.encode_arrays(ok, "float32"), "shape")
-    assert "shape (4, 2) != (3, 2)" in federation.screen_update(bad, g, 10.0)[1]
+    bad = faults.corrupt(transport.encode_arrays(ok, "bfloat16", reference=g), "nan")
+    assert transport.screen_update(bad, g, 10.0)[1] == "update has NaN or Inf values"
+    bad = faults.corrupt(transport.encode_arrays(ok, "float32"), "shape")
+    assert "shape (4, 2) != (3, 2)" in transport.screen_update(bad, g, 10.0)[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +142,13 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(home, smoke_run, zk0_
 def test_a_crash_while_swapping_resume_states_falls_back_to_the_previous_round(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from zk0lib.evaluation import RoundBook
+    from zk0lib.book import RoundBook
     from zk0lib.runs import load_resume_state, resume_round, save_resume_state
 
     cfg = load_config("smoke", {"output.runs_dir": str(tmp_path), "output.run_id": "swap"})
     run = RunRecord.create(cfg)
     book = RoundBook(cfg, run, log=lambda _: None)
-    weights = {r: federation.to_numpy_record({"w": torch.full((3,), float(r))}) for r in (1, 2)}
+    weights = {r: transport.to_numpy_record({"w": torch.full((3,), float(r))}) for r in (1, 2)}
     save_resume_state(run, 1, weights[1], {}, book)
 
     rename, calls = Path.rename, []
@@ -172,7 +173,7 @@ def test_a_crash_while_swapping_resume_states_falls_back_to_the_previous_round(t
 
 
 def test_a_ray_start_up_failure_is_told_apart_from_a_failed_run(tmp_path):
-    from zk0lib.simulation import ray_did_not_start
+    from zk0lib.fl.simulation import ray_did_not_start
 
     cfg = load_config("smoke", {"output.runs_dir": str(tmp_path), "output.run_id": "ray"})
     run = RunRecord.create(cfg)

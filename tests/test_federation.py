@@ -9,8 +9,9 @@ import psutil
 import pytest
 import torch
 
-from zk0lib import federation, model
+from zk0lib import model
 from zk0lib.config import load_config
+from zk0lib.fl import startup, transport
 from zk0lib.runs import RunRecord
 
 FLOWER_PROCESSES = (
@@ -36,15 +37,15 @@ def _weights(seed=0):
 def test_payload_is_parameter_count_times_dtype_size(dtype, size, session_bundle):
     weights = model.get_trainable(session_bundle.policy)
     count = sum(w.numel() for w in weights.values())
-    record = federation.encode_arrays(weights, dtype)
-    assert federation.payload_bytes(record) == count * size
-    delta = federation.encode_arrays(weights, dtype, reference=weights)
-    assert federation.payload_bytes(delta) == count * size
+    record = transport.encode_arrays(weights, dtype)
+    assert transport.payload_bytes(record) == count * size
+    delta = transport.encode_arrays(weights, dtype, reference=weights)
+    assert transport.payload_bytes(delta) == count * size
 
 
 def test_float32_round_trip_is_exact():
     w = _weights()
-    back = federation.decode_arrays(federation.encode_arrays(w, "float32"))
+    back = transport.decode_arrays(transport.encode_arrays(w, "float32"))
     assert all(torch.equal(back[k], w[k]) for k in w)
 
 
@@ -52,8 +53,8 @@ def test_bfloat16_deltas_keep_small_updates():
     """bf16 weights round a 1e-4 update away; a bf16 delta from the global weights keeps it."""
     global_w = {k: v + 1.0 for k, v in _weights().items()}
     local = {k: v + 1e-4 for k, v in global_w.items()}
-    as_weights = federation.decode_arrays(federation.encode_arrays(local, "bfloat16"))
-    as_delta = federation.decode_arrays(federation.encode_arrays(local, "bfloat16", reference=global_w), global_w)
+    as_weights = transport.decode_arrays(transport.encode_arrays(local, "bfloat16"))
+    as_delta = transport.decode_arrays(transport.encode_arrays(local, "bfloat16", reference=global_w), global_w)
     err_weights = max(float((as_weights[k] - local[k]).abs().max()) for k in local)
     err_delta = max(float((as_delta[k] - local[k]).abs().max()) for k in local)
     assert err_delta < 1e-6 < 1e-3 < err_weights
@@ -61,31 +62,31 @@ def test_bfloat16_deltas_keep_small_updates():
 
 def test_flower_numpy_records_decode():
     w = _weights()
-    back = federation.decode_arrays(federation.to_numpy_record(w))
+    back = transport.decode_arrays(transport.to_numpy_record(w))
     assert all(torch.equal(back[k], w[k]) for k in w)
 
 
 def test_update_checks():
     w = _weights()
-    assert federation.check_update(federation.encode_arrays(w, "float32"), w) is None
-    missing = federation.encode_arrays({"a.weight": w["a.weight"]}, "float32")
-    assert "keys differ" in federation.check_update(missing, w)
-    wrong = federation.encode_arrays({**w, "b.bias": torch.zeros(6)}, "float32")
-    assert "b.bias: shape (6,) != (5,)" in federation.check_update(wrong, w)
+    assert transport.check_update(transport.encode_arrays(w, "float32"), w) is None
+    missing = transport.encode_arrays({"a.weight": w["a.weight"]}, "float32")
+    assert "keys differ" in transport.check_update(missing, w)
+    wrong = transport.encode_arrays({**w, "b.bias": torch.zeros(6)}, "float32")
+    assert "b.bias: shape (6,) != (5,)" in transport.check_update(wrong, w)
 
 
 def test_stats_record_round_trip(stats):
-    record = federation.stats_to_record(stats)
-    back = federation.stats_from_record(record)
+    record = transport.stats_to_record(stats)
+    back = transport.stats_from_record(record)
     assert set(back) == {"action", "observation.state", "observation.images.front", "observation.images.wrist"}
     np.testing.assert_array_equal(back["action"]["mean"], np.asarray(stats["action"]["mean"], dtype=np.float64))
-    assert federation.stats_digest(record) == federation.stats_digest(federation.stats_to_record(back))
+    assert transport.stats_digest(record) == transport.stats_digest(transport.stats_to_record(back))
 
 
 def test_run_config_forms():
     cfg = load_config("smoke", "fl.num_rounds=5")
-    assert federation.config_from_run_config({"config-json": federation.encode_config(cfg)}) == cfg
-    assert federation.config_from_run_config({"preset": "smoke", "set": "fl.num_rounds=5", "config-json": ""}) == cfg
+    assert transport.config_from_run_config({"config-json": transport.encode_config(cfg)}) == cfg
+    assert transport.config_from_run_config({"preset": "smoke", "set": "fl.num_rounds=5", "config-json": ""}) == cfg
 
 
 def test_incompatible_or_invalid_clients_are_refused():
@@ -97,11 +98,11 @@ def test_incompatible_or_invalid_clients_are_refused():
     }
     b = copy.deepcopy(a) | {"name": "b", "fps": 15}
     with pytest.raises(RuntimeError, match=r"b: fps = 15 but a has 30"):
-        federation.check_compatible([a, b], load_config("smoke"))
+        startup.check_compatible([a, b], load_config("smoke"))
     b = copy.deepcopy(a) | {"name": "b", "validation-errors": 2, "validation-summary": "timestamps.doubled ep 3"}
     with pytest.raises(RuntimeError, match="b: 2 errors .timestamps.doubled ep 3"):
-        federation.check_compatible([a, b], load_config("smoke"))
-    federation.check_compatible([a, b], load_config("smoke", "data.allow_invalid=true"))
+        startup.check_compatible([a, b], load_config("smoke"))
+    startup.check_compatible([a, b], load_config("smoke", "data.allow_invalid=true"))
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -155,7 +156,7 @@ def test_smoke_train_completes_with_complete_records(smoke_run, home):
         assert set(r["eval"]["clients"]) == {"synth-0", "synth-1"}
         assert r["eval"]["mean"]["loss_ci"][0] <= r["eval"]["mean"]["loss"] <= r["eval"]["mean"]["loss_ci"][1]
     assert summary["final"]["round"] == 2 and summary["best"]["round"] in (1, 2)
-    assert all(r["eval"]["extra"]["unseen"]["episodes"] == cfg.data.synthetic_episodes for r in rounds)
+    assert all(r["eval"]["eval_only"]["unseen"]["episodes"] == cfg.data.synthetic_episodes for r in rounds)
     config = json.loads((run.path / "config.json").read_text())
     assert config["environment"]["packages"]["flwr"] and config["config"]["fl"]["num_rounds"] == 2
 
@@ -223,3 +224,5 @@ def test_wandb_round_metrics_are_client_prefixed():
     flat = flatten_round(record)
     assert flat["train/a/train_loss"] == 1.0 and flat["eval/a/loss"] == 0.5 and flat["eval/unseen/loss"] == 0.9
     assert flat["eval/mean/loss"] == 0.5 and flat["comms/bytes_sent"] == 10 and "eval/a/loss_ci" not in flat
+    record["eval"]["eval_only"] = record["eval"].pop("extra")  # today's name; `extra` is what older runs wrote
+    assert flatten_round(record) == flat

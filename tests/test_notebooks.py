@@ -6,7 +6,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from zk0lib.workbook import NOTEBOOKS, notebooks_dir, parse_grid, point_id
+from zk0lib.batch import parse_grid, point_id
+from zk0lib.workbook import NOTEBOOKS, notebooks_dir
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -105,7 +106,7 @@ def test_sweep_records_failed_points_and_goes_on(home, zk0_cli):
 
 
 def test_results_app_loads_in_headless_chromium(sweep_dir, home):
-    from zk0lib.workbook import check_app
+    from zk0lib.appcheck import check_app
 
     shot = home / "reports" / "app-check.png"
     result = check_app(sweep_dir / "runs", shot, expect="01-strategy-fedprox")

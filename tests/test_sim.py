@@ -147,7 +147,7 @@ def test_the_base_fine_tunes_on_labs_with_closed_loop_before_and_after(home, zk0
     assert run.summary()["start_rollout"]["round"] == 0
     last = run.rounds()[-1]
     assert set(last["train"]["clients"]) == {"lab-red", "lab-blue"}
-    assert set(last["eval"]["clients"]) == {"lab-red", "lab-blue"} and "lab-unseen" in last["eval"]["extra"]
+    assert set(last["eval"]["clients"]) == {"lab-red", "lab-blue"} and "lab-unseen" in last["eval"]["eval_only"]
     labs_done = last["rollout"]["labs"]
     assert set(labs_done) == {"lab-red", "lab-blue", "lab-unseen"} and labs_done["lab-unseen"]["role"] == "eval_only"
     for lab in labs_done.values():

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from zk0lib import data, model, train
+from zk0lib import data, evaluation, model, train
 
 
 def _batch(dataset, n=4):
@@ -78,7 +78,7 @@ def test_mu_zero_is_lerobot_plain_training(smoke_cfg, clients, stats, train_set)
     cfg.train.local_steps = 3
     ours = model.build_policy(cfg, clients[0].meta, stats)
     theirs = model.build_policy(cfg, clients[0].meta, stats)
-    metrics = train.train_round(ours, _stream(train_set, cfg), cfg, server_round=2, client_index=0, mu=0.0)
+    metrics = train.train_round(ours, _stream(train_set, cfg), cfg, server_round=2, partition_id=0, mu=0.0)
     assert metrics["prox_term"] == 0.0 and metrics["steps"] == 3
 
     policy = theirs.policy
@@ -128,22 +128,22 @@ def test_round_changes_only_trainable_weights(fresh_bundle, smoke_cfg, train_set
 
 
 def test_evaluation_is_deterministic(fresh_bundle, smoke_cfg, train_set, heldout_set):
-    first = train.evaluate(fresh_bundle, heldout_set, smoke_cfg)
-    second = train.evaluate(fresh_bundle, heldout_set, smoke_cfg)
+    first = evaluation.evaluate(fresh_bundle, heldout_set, smoke_cfg)
+    second = evaluation.evaluate(fresh_bundle, heldout_set, smoke_cfg)
     assert first == second
     assert first["episodes"] == 2 and first["frames"] == smoke_cfg.eval.max_frames
     assert first["loss_ci"][0] <= first["loss"] <= first["loss_ci"][1]
     assert len(first["action_mae_joint"]) == 6
     train.train_round(fresh_bundle, _stream(train_set, smoke_cfg), smoke_cfg, 1, 0, mu=0.0)
-    after = train.evaluate(fresh_bundle, heldout_set, smoke_cfg)
+    after = evaluation.evaluate(fresh_bundle, heldout_set, smoke_cfg)
     assert after["loss"] != first["loss"]
 
 
 def test_bootstrap_interval():
-    lo, hi = train.bootstrap_ci([[1.0, 2.0, 3.0, 4.0]], 500, seed=0)
+    lo, hi = evaluation.bootstrap_ci([[1.0, 2.0, 3.0, 4.0]], 500, seed=0)
     assert 1.0 <= lo < 2.5 < hi <= 4.0
-    assert train.bootstrap_ci([[5.0]], 100, 0) == [5.0, 5.0]
-    lo, hi = train.bootstrap_ci([[0.0, 0.0], [10.0, 10.0]], 200, 0)  # stratified: the mean of client means
+    assert evaluation.bootstrap_ci([[5.0]], 100, 0) == [5.0, 5.0]
+    lo, hi = evaluation.bootstrap_ci([[0.0, 0.0], [10.0, 10.0]], 200, 0)  # stratified: the mean of client means
     assert lo == hi == 5.0
 
 
@@ -218,9 +218,12 @@ def test_the_t_interval_keeps_its_coverage_where_a_percentile_bootstrap_does_not
     truth, covered = 1.0, {"t": 0, "bootstrap": 0}
     for i in range(1000):
         groups = [list(rng.normal(mu, 0.3, size=3)) for mu in (0.8, 1.2)]
-        for name, (lo, hi) in (("t", train.t_interval(groups)), ("bootstrap", train.bootstrap_ci(groups, 200, i))):
+        for name, (lo, hi) in (
+            ("t", evaluation.t_interval(groups)),
+            ("bootstrap", evaluation.bootstrap_ci(groups, 200, i)),
+        ):
             covered[name] += lo <= truth <= hi
     assert 930 <= covered["t"] <= 975, covered
     assert covered["bootstrap"] < 880, covered  # why the default is the t interval
-    assert all(np.isfinite(train.t_interval([[1.0, 2.0, 3.0], [5.0]])))  # one episode: the pooled variance
-    assert all(np.isnan(train.t_interval([[5.0]])))  # no variance to estimate: no interval
+    assert all(np.isfinite(evaluation.t_interval([[1.0, 2.0, 3.0], [5.0]])))  # one episode: the pooled variance
+    assert all(np.isnan(evaluation.t_interval([[5.0]])))  # no variance to estimate: no interval

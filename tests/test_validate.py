@@ -257,7 +257,7 @@ def test_training_refuses_invalid_data_unless_repaired(copy_of, home):
     assert check_before_training(allowed).errors
     repaired = load_config("smoke", {**overrides, "data.repair": True})
     assert check_before_training(repaired).errors == []
-    from zk0lib.data import dataset_location
+    from zk0lib.sources import dataset_location
 
     _, used = dataset_location(repaired, repaired.data.clients[0])
     assert used != root and "repaired" in str(used)

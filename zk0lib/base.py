@@ -206,7 +206,7 @@ def make_base(
     spec: BaseSpec, out: Path, cache_dir: Path | None = None, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
     """Record the community labs, pretrain in two stages, save the policy folder and its record at `out`."""
-    from zk0lib import data, model, train
+    from zk0lib import data, evaluation, model, train
     from zk0lib.config import zk0_home
     from zk0lib.env import quiet, set_hub_offline
     from zk0lib.runs import environment, utc_now, write_json
@@ -271,8 +271,8 @@ def make_base(
             f"{1000 * m['seconds'] / steps:.0f} ms/step"
         )
     action_seconds = time.perf_counter() - t
-    heldout = {name: train.evaluate(bundle, ds, cfg) for name, ds in held_sets.items()}
-    held_loss = train.combine_clients(heldout, cfg) if heldout else {}
+    heldout = {name: evaluation.evaluate(bundle, ds, cfg) for name, ds in held_sets.items()}
+    held_loss = evaluation.combine_clients(heldout, cfg) if heldout else {}
 
     from zk0lib.sim.labs import CLIENT_LABS, UNSEEN_LAB, get_lab
     from zk0lib.sim.rollout import aim_error

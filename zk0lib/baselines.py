@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from zk0lib import data, model, train
+from zk0lib import data, evaluation, model, train
+from zk0lib.book import RoundBook, eval_record
 from zk0lib.config import ExperimentConfig
-from zk0lib.evaluation import HeldOutSets, RoundBook, closed_loop, eval_due, lab_rollout, rollout_due, sim_labs
-from zk0lib.runs import RunRecord
-from zk0lib.simulation import RunResult, start_run
+from zk0lib.evaluation import HeldOutSets, closed_loop, eval_due, lab_rollout, rollout_due, sim_labs
+from zk0lib.launch import RunResult, start_run
+from zk0lib.runs import RunRecord, eval_only_of
 
 KINDS = ("centralized", "local-only")
 _SEED_TAG = {"centralized": 1, "local-only": 2}  # keeps each kind's random stream apart
@@ -108,9 +109,7 @@ class _Baseline:
         """The untrained model, judged exactly as round 0 of a federated run."""
         t0 = time.perf_counter()
         evals, extra = self.heldout.evaluate(self.bundle)
-        record = {"round": 0, "eval": {"clients": evals, "mean": train.combine_clients(evals, self.cfg)}}
-        if extra:
-            record["eval"]["extra"] = extra
+        record = {"round": 0, "eval": eval_record(self.cfg, evals, extra)}
         if rollout_due(self.cfg, 0):  # every kind of run starts from the same model: the same episodes
             record["rollout"] = closed_loop(self.cfg, self.bundle, None)
         self.finish_round(record, t0, 0.0, time.perf_counter() - t0)
@@ -149,9 +148,8 @@ def run_centralized(
             t_eval = time.perf_counter()
             mean: dict[str, Any] = {}
             if eval_due(cfg, server_round):
-                evals, extra = base.heldout.evaluate(base.bundle)
-                mean = train.combine_clients(evals, cfg)
-                record["eval"] = {"clients": evals, "mean": mean} | ({"extra": extra} if extra else {})
+                record["eval"] = eval_record(cfg, *base.heldout.evaluate(base.bundle))
+                mean = record["eval"]["mean"]
             if rollout_due(cfg, server_round):
                 videos = base.run.path / "videos" / f"round{server_round:03d}" if cfg.eval.rollout_videos else None
                 record["rollout"] = closed_loop(cfg, base.bundle, videos)
@@ -224,22 +222,22 @@ def _judge_local_models(base: _Baseline, names: list[str], weights: list[dict]) 
     for i, name in enumerate(names):
         model.set_trainable(base.bundle.policy, weights[i])
         evals, extra = base.heldout.evaluate(base.bundle)
-        models[name] = {"clients": evals, "extra": extra, "mean": train.combine_clients(evals, cfg)}
+        models[name] = eval_record(cfg, evals, extra)
     pairs = {f"{m}@{d}": ev for m, v in models.items() for d, ev in v["clients"].items()}
     own = {f"{m}@{m}": models[m]["clients"][m] for m in names}
 
     def across_models(section: str, dataset: str) -> dict[str, Any]:
-        return train.combine_clients({m: models[m][section][dataset] for m in names}, cfg)
+        return evaluation.combine_clients({m: models[m][section][dataset] for m in names}, cfg)
 
     out = {
         "clients": {d: across_models("clients", d) for d in names},
-        "mean": train.combine_clients(pairs, cfg),
-        "own": train.combine_clients(own, cfg),
+        "mean": evaluation.combine_clients(pairs, cfg),
+        "own": evaluation.combine_clients(own, cfg),
         "models": models,
     }
-    extra_names = list(next(iter(models.values()))["extra"])
-    if extra_names:
-        out["extra"] = {d: across_models("extra", d) for d in extra_names}
+    eval_only = list(eval_only_of(next(iter(models.values()))))
+    if eval_only:
+        out["eval_only"] = {d: across_models("eval_only", d) for d in eval_only}
     return out
 
 

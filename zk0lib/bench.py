@@ -191,7 +191,7 @@ def bench_overhead(
     runs first. The result is the pair with the median ratio (the lower one of two middles), every pair's
     numbers under `pairs`: one pair's ratio moves by several percent with the machine's state."""
     from zk0lib.baselines import run_centralized
-    from zk0lib.simulation import run_federated
+    from zk0lib.fl.simulation import run_federated
 
     if repeats < 1:
         raise ConfigError(f"--repeats must be >= 1 (got {repeats})")
@@ -271,7 +271,7 @@ def bench_dataloader(
     """Samples/s the loader decodes (client 0's training episodes, the config's workers) against the
     samples/s one optimizer step consumes on each available device (batches already in memory)."""
     cfg = load_config(preset, overrides)
-    from zk0lib.simulation import prepare
+    from zk0lib.launch import prepare
 
     prepare(cfg)
     clients = [data.open_client(cfg, i) for i in range(len(cfg.data.clients))]

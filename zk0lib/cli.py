@@ -33,7 +33,7 @@ def _report(result, t0: float, how: str = "") -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from zk0lib.simulation import resume_federated, run_federated
+    from zk0lib.fl.simulation import resume_federated, run_federated
 
     t0 = time.perf_counter()
     if args.resume:
@@ -110,7 +110,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    from zk0lib.deploy import check_refusals, deploy_local
+    from zk0lib.fl.deploy import check_refusals, deploy_local
 
     cfg = _config(args)
     t0 = time.perf_counter()
@@ -267,8 +267,9 @@ def _print_decode_speed(report) -> None:
 def cmd_workbook(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from zk0lib.batch import run_workbook
     from zk0lib.config import parse_overrides, zk0_home
-    from zk0lib.workbook import NOTEBOOKS, run_workbook
+    from zk0lib.workbook import NOTEBOOKS
 
     load_config(args.preset, list(args.set or []))  # refuse a bad config before starting any notebook
     out = Path(args.out) if args.out else zk0_home() / "reports" / args.preset
@@ -285,8 +286,8 @@ def cmd_workbook(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from zk0lib.batch import sweep
     from zk0lib.config import parse_overrides
-    from zk0lib.workbook import sweep
 
     record = sweep(
         args.preset,
@@ -305,9 +306,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_app_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from zk0lib.appcheck import check_app
     from zk0lib.config import zk0_home
     from zk0lib.runs import list_runs
-    from zk0lib.workbook import check_app
 
     runs_dir = Path(args.runs_dir) if args.runs_dir else zk0_home() / "reports" / "runs"
     found = list_runs(runs_dir)
@@ -488,8 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - the CLI reports any failure as one clear line, not a traceback
         from zk0lib.data import DatasetNotAvailableError
+        from zk0lib.launch import FederatedRunError
         from zk0lib.model import ModelNotAvailableError
-        from zk0lib.simulation import FederatedRunError
         from zk0lib.validate import DatasetInvalidError
 
         if isinstance(

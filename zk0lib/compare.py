@@ -20,7 +20,7 @@ import pandas as pd
 
 from zk0lib.config import STRATEGIES, ConfigError, ExperimentConfig, load_config, parse_overrides, zk0_home
 from zk0lib.report import bytes_per_round
-from zk0lib.runs import RunRecord, atomic_write_text, utc_now
+from zk0lib.runs import RunRecord, atomic_write_text, eval_only_of, utc_now
 
 BASELINES = ("centralized", "local-only")
 
@@ -65,7 +65,7 @@ def compare(
     """Run every strategy and baseline for each seed, one after the other; a failed run is recorded and
     the others go on. Returns the record written to compare.json (with the table)."""
     from zk0lib.baselines import run_baseline
-    from zk0lib.simulation import run_federated
+    from zk0lib.fl.simulation import run_federated
 
     overrides = parse_overrides(overrides)
     baselines = list(BASELINES if baselines is None else baselines)
@@ -115,7 +115,7 @@ def run_numbers(run: RunRecord) -> dict[str, Any]:
     ev = next((r["eval"] for r in reversed(rounds) if "eval" in r), {})
     mean = ev.get("mean", {})
     own = ev.get("own", mean)  # a shared model is judged on each owner's data: its own == its mean
-    extra = next(iter(ev.get("extra", {}).values()), {})
+    extra = next(iter(eval_only_of(ev).values()), {})
     final = summary.get("final_rollout") or {}
     success = final.get("clients") or {}
     return {

@@ -29,6 +29,14 @@ FAULT_MODES = ("raise", "exit", "hang", "nan", "shape")
 FAULTS_ENV = "ZK0_ENABLE_FAULT_INJECTION"
 
 
+class _Problems(list):
+    """Problems found in a config, each naming its key and what would be valid."""
+
+    def need(self, condition: bool, message: str) -> None:
+        if not condition:
+            self.append(message)
+
+
 class ConfigError(ValueError):
     """A config value is wrong; the message lists every problem with its dotted key."""
 
@@ -66,6 +74,58 @@ class DataConfig:
     repair: bool = False  # train on a repaired copy (under data_cache/repaired) of datasets with errors
     allow_invalid: bool = False  # train despite validation errors (they are still printed and recorded)
 
+    def problems(self, cfg: ExperimentConfig) -> list[str]:
+        """What is wrong with the data section (each with its key)."""
+        p = _Problems()
+        d = self
+        p.need(len(d.clients) >= 1, "data.clients: at least one client dataset is needed")
+        names = [c.name for c in d.clients]
+        p.need(len(set(names)) == len(names), f"data.clients: client names must be unique, got {names}")
+        p.need(d.heldout_episodes >= 0, f"data.heldout_episodes must be >= 0 (got {d.heldout_episodes})")
+        p.need(d.synthetic_episodes >= 1, f"data.synthetic_episodes must be >= 1 (got {d.synthetic_episodes})")
+        p.need(d.synthetic_frames >= 2, f"data.synthetic_frames must be >= 2 (got {d.synthetic_frames})")
+        p.need(d.synthetic_image_size >= 16, f"data.synthetic_image_size must be >= 16 (got {d.synthetic_image_size})")
+        p.need(
+            d.video_backend in (None, "torchcodec", "pyav"),
+            f"data.video_backend: torchcodec or pyav, got {d.video_backend!r}",
+        )
+        extra = [c.name for c in d.eval_only]
+        p.need(
+            not set(extra) & set(names) and len(set(extra)) == len(extra),
+            f"data.eval_only: names must be unique and differ from the clients', got {extra}",
+        )
+        for i, c in enumerate(d.eval_only):
+            key = f"data.eval_only.{i}"
+            _check_source(c, key, p.need)
+            p.need(c.episodes is None or c.episodes >= 1, f"{key}.episodes must be >= 1 (got {c.episodes})")
+        for i, c in enumerate(d.clients):
+            key = f"data.clients.{i}"
+            _check_source(c, key, p.need)
+            heldout = cfg.heldout_for(c)
+            p.need(heldout >= 0, f"{key}.heldout_episodes must be >= 0 (got {heldout})")
+            if c.episodes is not None:
+                p.need(c.episodes >= 1, f"{key}.episodes must be >= 1 (got {c.episodes})")
+                p.need(
+                    heldout < c.episodes,
+                    f"{key}: held-out episodes ({heldout}) must be fewer than episodes used ({c.episodes})",
+                )
+            if c.source == "sim":
+                p.need(
+                    heldout < d.sim_episodes,
+                    f"{key}: held-out episodes ({heldout}) must be fewer than data.sim_episodes ({d.sim_episodes})",
+                )
+            if c.source == "synthetic":
+                p.need(
+                    heldout < d.synthetic_episodes,
+                    f"{key}: held-out episodes ({heldout}) must be fewer than data.synthetic_episodes ({d.synthetic_episodes})",
+                )
+        p.need(d.sim_episodes >= 1, f"data.sim_episodes must be >= 1 (got {d.sim_episodes})")
+        p.need(d.sim_image_size >= 32, f"data.sim_image_size must be >= 32 (got {d.sim_image_size})")
+        p.need(d.record_workers >= 1, f"data.record_workers must be >= 1 (got {d.record_workers})")
+        p.need(d.validate in ("full", "sample", "off"), f"data.validate: full, sample or off, got {d.validate!r}")
+        p.need(0 < d.validate_fraction <= 1, f"data.validate_fraction must be in (0, 1] (got {d.validate_fraction})")
+        return p
+
 
 @dataclass
 class ModelConfig:
@@ -79,6 +139,23 @@ class ModelConfig:
     train_state_proj: bool = True
     init_seed: int = 0  # random init of the tiny model (identical in every process)
 
+    def problems(self, cfg: ExperimentConfig) -> list[str]:
+        """What is wrong with the model section."""
+        p = _Problems()
+        m = self
+        p.need(bool(m.pretrained), "model.pretrained: 'tiny', a Hub id or a local policy folder")
+        p.need(
+            m.device == "auto" or m.device == "cpu" or m.device.startswith("cuda"),
+            f"model.device: auto, cpu or cuda[:N], got {m.device!r}",
+        )
+        p.need(m.chunk_size >= 1, f"model.chunk_size must be >= 1 (got {m.chunk_size})")
+        p.need(
+            1 <= m.n_action_steps <= m.chunk_size,
+            f"model.n_action_steps must be in [1, chunk_size={m.chunk_size}] (got {m.n_action_steps})",
+        )
+        p.need(m.num_denoise_steps >= 1, f"model.num_denoise_steps must be >= 1 (got {m.num_denoise_steps})")
+        return p
+
 
 @dataclass
 class TrainConfig:
@@ -90,6 +167,25 @@ class TrainConfig:
     num_workers: int = 2
     amp: bool = True  # bf16 autocast, CUDA only
     max_skipped_fraction: float = 0.2  # undecodable batches tolerated before a client fails
+
+    def problems(self, cfg: ExperimentConfig) -> list[str]:
+        """What is wrong with the train section."""
+        p = _Problems()
+        t = self
+        p.need(t.local_steps >= 1, f"train.local_steps must be >= 1 (got {t.local_steps})")
+        p.need(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
+        p.need(t.lr is None or t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
+        p.need(t.warmup_steps is None or t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
+        p.need(
+            t.grad_clip_norm is None or t.grad_clip_norm > 0,
+            f"train.grad_clip_norm must be > 0 (got {t.grad_clip_norm})",
+        )
+        p.need(t.num_workers >= 0, f"train.num_workers must be >= 0 (got {t.num_workers})")
+        p.need(
+            0 <= t.max_skipped_fraction < 1,
+            f"train.max_skipped_fraction must be in [0, 1) (got {t.max_skipped_fraction})",
+        )
+        return p
 
 
 @dataclass
@@ -123,6 +219,50 @@ class FLConfig:
         """Clients sampled to train each round: Flower's max(int(n x fraction_train), min_train_nodes)."""
         return max(int(n_clients * self.fraction_train), self.min_train_clients or 1)
 
+    def problems(self, cfg: ExperimentConfig) -> list[str]:
+        """What is wrong with the fl section (client counts come from data)."""
+        p = _Problems()
+        f, d = self, cfg.data
+        p.need(
+            f.strategy in STRATEGIES, f"fl.strategy: unknown strategy {f.strategy!r} (choose {', '.join(STRATEGIES)})"
+        )
+        p.need(f.num_rounds >= 1, f"fl.num_rounds must be >= 1 (got {f.num_rounds})")
+        p.need(f.proximal_mu >= 0, f"fl.proximal_mu must be >= 0 (got {f.proximal_mu})")
+        for name in ("fraction_train", "fraction_evaluate"):
+            v = getattr(f, name)
+            p.need(0 <= v <= 1, f"fl.{name} must be in [0, 1] (got {v})")
+        p.need(f.fraction_train > 0, "fl.fraction_train must be > 0: no client would train")
+        p.need(f.weighting in WEIGHTINGS, f"fl.weighting: {' or '.join(WEIGHTINGS)}, got {f.weighting!r}")
+        n = len(d.clients)
+        for name in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
+            v = getattr(f, name)
+            p.need(0 <= v <= n, f"fl.{name} must be in [0, {n}] (0 = all {n} clients; got {v})")
+        p.need(
+            f.transport_dtype in TRANSPORT_DTYPES,
+            f"fl.transport_dtype: {' or '.join(TRANSPORT_DTYPES)}, got {f.transport_dtype!r}",
+        )
+        p.need(f.server_lr > 0, f"fl.server_lr must be > 0 (got {f.server_lr})")
+        p.need(0 <= f.server_beta1 < 1 and 0 <= f.server_beta2 < 1, "fl.server_beta1/fl.server_beta2 must be in [0, 1)")
+        p.need(f.server_tau > 0, f"fl.server_tau must be > 0 (got {f.server_tau})")
+        p.need(f.round_timeout_s > 0, f"fl.round_timeout_s must be > 0 (got {f.round_timeout_s})")
+        p.need(f.max_update_norm > 0, f"fl.max_update_norm must be > 0 (got {f.max_update_norm})")
+        if f.inject_failure:
+            try:
+                faults = parse_faults(f.inject_failure)
+                p.need(
+                    all(partition_id < n and rnd <= f.num_rounds for _, partition_id, rnd in faults),
+                    f"fl.inject_failure: client or round out of range in {f.inject_failure!r}",
+                )
+            except ValueError as problem:
+                p.append(str(problem))
+            p.need(
+                os.environ.get(FAULTS_ENV) == "1",
+                f"fl.inject_failure makes clients fail on purpose and is for tests only: set {FAULTS_ENV}=1 to allow it",
+            )
+        p.need(f.client_num_cpus >= 1, f"fl.client_num_cpus must be >= 1 (got {f.client_num_cpus})")
+        p.need(f.client_num_gpus >= 0, f"fl.client_num_gpus must be >= 0 (got {f.client_num_gpus})")
+        return p
+
 
 @dataclass
 class EvalConfig:
@@ -140,6 +280,29 @@ class EvalConfig:
     rollout_videos: bool = False  # an mp4 per episode of the last closed-loop evaluation
     rollout_round0: bool = False  # closed loop before training too (the starting model, e.g. the base)
 
+    def problems(self, cfg: ExperimentConfig) -> list[str]:
+        """What is wrong with the eval section."""
+        p = _Problems()
+        e, d, f = self, cfg.data, cfg.fl
+        p.need(e.every >= 1, f"eval.every must be >= 1 (got {e.every})")
+        p.need(e.where in EVAL_WHERE, f"eval.where: {' or '.join(EVAL_WHERE)}, got {e.where!r}")
+        p.need(e.batch_size >= 1, f"eval.batch_size must be >= 1 (got {e.batch_size})")
+        p.need(e.max_frames is None or e.max_frames >= 1, f"eval.max_frames must be >= 1 or none (got {e.max_frames})")
+        p.need(e.action_frames >= 0, f"eval.action_frames must be >= 0 (got {e.action_frames})")
+        p.need(e.bootstrap >= 0, f"eval.bootstrap must be >= 0 (got {e.bootstrap})")
+        p.need(e.interval in ("t", "bootstrap"), f"eval.interval: t or bootstrap, got {e.interval!r}")
+        p.need(e.rollout_episodes >= 0, f"eval.rollout_episodes must be >= 0 (got {e.rollout_episodes})")
+        p.need(e.rollout_every >= 0, f"eval.rollout_every must be >= 0 (got {e.rollout_every})")
+        p.need(e.rollout_max_frames >= 1, f"eval.rollout_max_frames must be >= 1 (got {e.rollout_max_frames})")
+        if e.rollout_episodes:
+            p.need(
+                any(c.source == "sim" for c in [*d.clients, *d.eval_only]),
+                "eval.rollout_episodes > 0 needs simulated labs among data.clients or data.eval_only (source=sim)",
+            )
+        if e.where == "clients":
+            p.need(f.fraction_evaluate > 0, "eval.where=clients needs fl.fraction_evaluate > 0")
+        return p
+
 
 @dataclass
 class OutputConfig:
@@ -150,6 +313,20 @@ class OutputConfig:
     wandb: bool = False  # log every round to Weights & Biases too
     wandb_project: str = "zk0"
     wandb_mode: str = "offline"  # offline (sync later with `wandb sync`) or online
+
+    def problems(self, cfg: ExperimentConfig) -> list[str]:
+        """What is wrong with the output section."""
+        p = _Problems()
+        p.need(
+            self.wandb_mode in ("offline", "online"),
+            f"output.wandb_mode: offline or online, got {self.wandb_mode!r}",
+        )
+        run_id = self.run_id
+        p.need(
+            not run_id or (run_id.replace("-", "").replace("_", "").replace(".", "").isalnum()),
+            f"output.run_id may hold letters, digits, '-', '_' and '.' only (got {run_id!r})",
+        )
+        return p
 
 
 @dataclass
@@ -461,159 +638,27 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check every value; raise one ConfigError that lists all problems with their keys."""
-    errors: list[str] = []
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            errors.append(msg)
-
-    d, m, t, f, e = cfg.data, cfg.model, cfg.train, cfg.fl, cfg.eval
-    need(cfg.preset in PRESETS, f"preset: unknown preset {cfg.preset!r} (choose {', '.join(PRESETS)})")
-    need(len(d.clients) >= 1, "data.clients: at least one client dataset is needed")
-    names = [c.name for c in d.clients]
-    need(len(set(names)) == len(names), f"data.clients: client names must be unique, got {names}")
-    need(d.heldout_episodes >= 0, f"data.heldout_episodes must be >= 0 (got {d.heldout_episodes})")
-    need(d.synthetic_episodes >= 1, f"data.synthetic_episodes must be >= 1 (got {d.synthetic_episodes})")
-    need(d.synthetic_frames >= 2, f"data.synthetic_frames must be >= 2 (got {d.synthetic_frames})")
-    need(d.synthetic_image_size >= 16, f"data.synthetic_image_size must be >= 16 (got {d.synthetic_image_size})")
-    need(
-        d.video_backend in (None, "torchcodec", "pyav"),
-        f"data.video_backend: torchcodec or pyav, got {d.video_backend!r}",
-    )
-    extra = [c.name for c in d.eval_only]
-    need(
-        not set(extra) & set(names) and len(set(extra)) == len(extra),
-        f"data.eval_only: names must be unique and differ from the clients', got {extra}",
-    )
-    for i, c in enumerate(d.eval_only):
-        key = f"data.eval_only.{i}"
-        _check_source(c, key, need)
-        need(c.episodes is None or c.episodes >= 1, f"{key}.episodes must be >= 1 (got {c.episodes})")
-    for i, c in enumerate(d.clients):
-        key = f"data.clients.{i}"
-        _check_source(c, key, need)
-        heldout = cfg.heldout_for(c)
-        need(heldout >= 0, f"{key}.heldout_episodes must be >= 0 (got {heldout})")
-        if c.episodes is not None:
-            need(c.episodes >= 1, f"{key}.episodes must be >= 1 (got {c.episodes})")
-            need(
-                heldout < c.episodes,
-                f"{key}: held-out episodes ({heldout}) must be fewer than episodes used ({c.episodes})",
-            )
-        if c.source == "sim":
-            need(
-                heldout < d.sim_episodes,
-                f"{key}: held-out episodes ({heldout}) must be fewer than data.sim_episodes ({d.sim_episodes})",
-            )
-        if c.source == "synthetic":
-            need(
-                heldout < d.synthetic_episodes,
-                f"{key}: held-out episodes ({heldout}) must be fewer than data.synthetic_episodes ({d.synthetic_episodes})",
-            )
-    need(bool(m.pretrained), "model.pretrained: 'tiny', a Hub id or a local policy folder")
-    need(
-        m.device == "auto" or m.device == "cpu" or m.device.startswith("cuda"),
-        f"model.device: auto, cpu or cuda[:N], got {m.device!r}",
-    )
-    need(m.chunk_size >= 1, f"model.chunk_size must be >= 1 (got {m.chunk_size})")
-    need(
-        1 <= m.n_action_steps <= m.chunk_size,
-        f"model.n_action_steps must be in [1, chunk_size={m.chunk_size}] (got {m.n_action_steps})",
-    )
-    need(m.num_denoise_steps >= 1, f"model.num_denoise_steps must be >= 1 (got {m.num_denoise_steps})")
-    need(t.local_steps >= 1, f"train.local_steps must be >= 1 (got {t.local_steps})")
-    need(t.batch_size >= 1, f"train.batch_size must be >= 1 (got {t.batch_size})")
-    need(t.lr is None or t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
-    need(t.warmup_steps is None or t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
-    need(t.grad_clip_norm is None or t.grad_clip_norm > 0, f"train.grad_clip_norm must be > 0 (got {t.grad_clip_norm})")
-    need(t.num_workers >= 0, f"train.num_workers must be >= 0 (got {t.num_workers})")
-    need(
-        0 <= t.max_skipped_fraction < 1, f"train.max_skipped_fraction must be in [0, 1) (got {t.max_skipped_fraction})"
-    )
-    need(f.strategy in STRATEGIES, f"fl.strategy: unknown strategy {f.strategy!r} (choose {', '.join(STRATEGIES)})")
-    need(f.num_rounds >= 1, f"fl.num_rounds must be >= 1 (got {f.num_rounds})")
-    need(f.proximal_mu >= 0, f"fl.proximal_mu must be >= 0 (got {f.proximal_mu})")
-    for name in ("fraction_train", "fraction_evaluate"):
-        v = getattr(f, name)
-        need(0 <= v <= 1, f"fl.{name} must be in [0, 1] (got {v})")
-    need(f.fraction_train > 0, "fl.fraction_train must be > 0: no client would train")
-    need(f.weighting in WEIGHTINGS, f"fl.weighting: {' or '.join(WEIGHTINGS)}, got {f.weighting!r}")
-    n = len(d.clients)
-    for name in ("min_train_clients", "min_evaluate_clients", "min_available_clients"):
-        v = getattr(f, name)
-        need(0 <= v <= n, f"fl.{name} must be in [0, {n}] (0 = all {n} clients; got {v})")
-    need(
-        f.transport_dtype in TRANSPORT_DTYPES,
-        f"fl.transport_dtype: {' or '.join(TRANSPORT_DTYPES)}, got {f.transport_dtype!r}",
-    )
-    need(f.server_lr > 0, f"fl.server_lr must be > 0 (got {f.server_lr})")
-    need(0 <= f.server_beta1 < 1 and 0 <= f.server_beta2 < 1, "fl.server_beta1/fl.server_beta2 must be in [0, 1)")
-    need(f.server_tau > 0, f"fl.server_tau must be > 0 (got {f.server_tau})")
-    need(f.round_timeout_s > 0, f"fl.round_timeout_s must be > 0 (got {f.round_timeout_s})")
-    need(f.max_update_norm > 0, f"fl.max_update_norm must be > 0 (got {f.max_update_norm})")
-    if f.inject_failure:
-        try:
-            faults = parse_faults(f.inject_failure)
-            need(
-                all(pid < n and rnd <= f.num_rounds for _, pid, rnd in faults),
-                f"fl.inject_failure: client or round out of range in {f.inject_failure!r}",
-            )
-        except ValueError as problem:
-            errors.append(str(problem))
-        need(
-            os.environ.get(FAULTS_ENV) == "1",
-            f"fl.inject_failure makes clients fail on purpose and is for tests only: set {FAULTS_ENV}=1 to allow it",
-        )
-    need(f.client_num_cpus >= 1, f"fl.client_num_cpus must be >= 1 (got {f.client_num_cpus})")
-    need(f.client_num_gpus >= 0, f"fl.client_num_gpus must be >= 0 (got {f.client_num_gpus})")
-    need(e.every >= 1, f"eval.every must be >= 1 (got {e.every})")
-    need(e.where in EVAL_WHERE, f"eval.where: {' or '.join(EVAL_WHERE)}, got {e.where!r}")
-    need(e.batch_size >= 1, f"eval.batch_size must be >= 1 (got {e.batch_size})")
-    need(e.max_frames is None or e.max_frames >= 1, f"eval.max_frames must be >= 1 or none (got {e.max_frames})")
-    need(e.action_frames >= 0, f"eval.action_frames must be >= 0 (got {e.action_frames})")
-    need(e.bootstrap >= 0, f"eval.bootstrap must be >= 0 (got {e.bootstrap})")
-    need(e.interval in ("t", "bootstrap"), f"eval.interval: t or bootstrap, got {e.interval!r}")
-    need(e.rollout_episodes >= 0, f"eval.rollout_episodes must be >= 0 (got {e.rollout_episodes})")
-    need(e.rollout_every >= 0, f"eval.rollout_every must be >= 0 (got {e.rollout_every})")
-    need(e.rollout_max_frames >= 1, f"eval.rollout_max_frames must be >= 1 (got {e.rollout_max_frames})")
-    if e.rollout_episodes:
-        need(
-            any(c.source == "sim" for c in [*d.clients, *d.eval_only]),
-            "eval.rollout_episodes > 0 needs simulated labs among data.clients or data.eval_only (source=sim)",
-        )
-    need(d.sim_episodes >= 1, f"data.sim_episodes must be >= 1 (got {d.sim_episodes})")
-    need(d.sim_image_size >= 32, f"data.sim_image_size must be >= 32 (got {d.sim_image_size})")
-    need(d.record_workers >= 1, f"data.record_workers must be >= 1 (got {d.record_workers})")
-    need(d.validate in ("full", "sample", "off"), f"data.validate: full, sample or off, got {d.validate!r}")
-    need(0 < d.validate_fraction <= 1, f"data.validate_fraction must be in (0, 1] (got {d.validate_fraction})")
-    if e.where == "clients":
-        need(f.fraction_evaluate > 0, "eval.where=clients needs fl.fraction_evaluate > 0")
-    need(
-        cfg.output.wandb_mode in ("offline", "online"),
-        f"output.wandb_mode: offline or online, got {cfg.output.wandb_mode!r}",
-    )
-    run_id = cfg.output.run_id
-    need(
-        not run_id or (run_id.replace("-", "").replace("_", "").replace(".", "").isalnum()),
-        f"output.run_id may hold letters, digits, '-', '_' and '.' only (got {run_id!r})",
-    )
+    errors = _Problems()
+    errors.need(cfg.preset in PRESETS, f"preset: unknown preset {cfg.preset!r} (choose {', '.join(PRESETS)})")
+    for section in (cfg.data, cfg.model, cfg.train, cfg.fl, cfg.eval, cfg.output):
+        errors.extend(section.problems(cfg))
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
     return cfg
 
 
 def parse_faults(text: str) -> list[tuple[str, int, int]]:
-    """'raise:1@2,nan:0@1' -> [("raise", 1, 2), ("nan", 0, 1)]: (mode, client index, round)."""
+    """'raise:1@2,nan:0@1' -> [("raise", 1, 2), ("nan", 0, 1)]: (mode, partition id, round)."""
     out = []
     for item in text.split(","):
         mode, _, rest = item.strip().partition(":")
-        pid, _, rnd = rest.partition("@")
-        if mode not in FAULT_MODES or not pid.isdigit() or not rnd.isdigit():
+        partition, _, rnd = rest.partition("@")
+        if mode not in FAULT_MODES or not partition.isdigit() or not rnd.isdigit():
             raise ValueError(
                 f"fl.inject_failure: {item!r} is not MODE:CLIENT@ROUND (MODE one of {', '.join(FAULT_MODES)}), "
                 "e.g. raise:1@2"
             )
-        out.append((mode, int(pid), int(rnd)))
+        out.append((mode, int(partition), int(rnd)))
     return out
 
 

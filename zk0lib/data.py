@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from zk0lib.config import ClientConfig, ExperimentConfig
-from zk0lib.synth import SyntheticSpec, ensure_synthetic_dataset
+from zk0lib.sources import dataset_location
 
 
 class DatasetNotAvailableError(RuntimeError):
@@ -37,46 +37,6 @@ class ClientData:
         eps = self.meta.episodes
         lengths = dict(zip(eps["episode_index"], eps["length"], strict=True))
         return int(sum(lengths[e] for e in self.train_episodes))
-
-
-def dataset_location(cfg: ExperimentConfig, client: ClientConfig, progress=None) -> tuple[str, Path | None]:
-    """(repo_id, root) of the dataset a client trains on: its source, or with data.repair the repaired
-    copy zk0 made of it (`zk0 validate --repair`, or before training)."""
-    repo_id, root = source_location(cfg, client, progress)
-    if cfg.data.repair:
-        from zk0lib.validate import repaired_root
-
-        fixed = repaired_root(cfg.cache_dir, client.name, root if root is not None else _hub_root(repo_id))
-        if (fixed / "meta" / "info.json").exists():
-            return repo_id, fixed
-    return repo_id, root
-
-
-def _hub_root(repo_id: str) -> Path:
-    from lerobot.utils.constants import HF_LEROBOT_HOME
-
-    return Path(HF_LEROBOT_HOME) / repo_id
-
-
-def source_location(cfg: ExperimentConfig, client: ClientConfig, progress=None) -> tuple[str, Path | None]:
-    """(repo_id, root) of a client's source dataset; synthetic and simulated ones are recorded on first
-    use (`progress(done, total)` hears about each recorded episode)."""
-    if client.source == "synthetic":
-        d = cfg.data
-        spec = SyntheticSpec(client.variant, d.synthetic_episodes, d.synthetic_frames, d.synthetic_image_size, cfg.seed)
-        return client.repo_id, ensure_synthetic_dataset(spec, client.repo_id, cfg.cache_dir / "datasets" / "synthetic")
-    if client.source == "sim":
-        from zk0lib.sim.record import record_lab
-
-        d = cfg.data
-        rec = record_lab(
-            client.lab, d.sim_episodes, cfg.cache_dir, d.sim_image_size, cfg.seed, d.record_workers, progress
-        )
-        return f"zk0/{client.lab}", rec.root
-    if client.root is not None:
-        root = Path(client.root).expanduser()
-        return client.repo_id or root.name, root if root.is_absolute() else cfg.home / root
-    return client.repo_id, None
 
 
 def load_metadata(repo_id: str, root: Path | None, key: str = "data.clients.N") -> Any:

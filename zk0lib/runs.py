@@ -269,3 +269,8 @@ def truncate_rounds(run: RunRecord, last_round: int) -> int:
     text = "".join(json.dumps(_clean(r), sort_keys=True) + "\n" for r in kept)
     atomic_write_text(run.path / "metrics.jsonl", text)
     return len(kept)
+
+
+def eval_only_of(section: dict[str, Any]) -> dict[str, Any]:
+    """The eval-only results of a round's `eval` section (named `extra` in runs recorded before 2026-12)."""
+    return section.get("eval_only", section.get("extra", {}))

@@ -17,8 +17,10 @@ def flatten_round(record: dict[str, Any]) -> dict[str, float]:
     for k, v in record.get("train", {}).get("aggregate", {}).items():
         out[f"train/all/{k}"] = v
     ev = record.get("eval", {})
-    for group in ("clients", "extra"):
-        for name, metrics in ev.get(group, {}).items():
+    from zk0lib.runs import eval_only_of
+
+    for group in (ev.get("clients", {}), eval_only_of(ev)):
+        for name, metrics in group.items():
             out |= {f"eval/{name}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
     out |= {f"eval/mean/{k}": v for k, v in ev.get("mean", {}).items() if isinstance(v, (int, float))}
     for lab, result in record.get("rollout", {}).get("labs", {}).items():

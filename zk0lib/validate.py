@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from zk0lib.sources import dataset_key
+
 SEVERITIES = ("error", "warning", "info")
 DEFAULT_KEYS = ("timestamp", "frame_index", "episode_index", "index", "task_index")
 # Findings that make an episode untrustworthy: a repair drops the episode.
@@ -518,14 +520,14 @@ def validate_clients(
 
     By default the datasets training would read (repaired copies with data.repair); `sources=True`
     checks the sources themselves."""
-    from zk0lib.data import _hub_root, dataset_location, source_location
+    from zk0lib.sources import dataset_location, hub_root, source_location
 
     locate = source_location if sources else dataset_location
     report = Report()
     infos = {}
     for spec in [*cfg.data.clients, *cfg.data.eval_only]:
         _, root = locate(cfg, spec)
-        root = root if root is not None else _hub_root(spec.repo_id)
+        root = root if root is not None else hub_root(spec.repo_id)
         report.extend(validate_cached(cfg, spec.name, root, decode, fraction))
         infos[spec.name] = json.loads((root / "meta" / "info.json").read_text())
     return report.extend(compare_features(infos, cfg.data.rename_map))
@@ -533,7 +535,7 @@ def validate_clients(
 
 def check_before_training(cfg: Any, progress: Any = None) -> Report | None:
     """Validate the config's datasets; repair them with data.repair; refuse errors unless data.allow_invalid."""
-    from zk0lib.data import _hub_root, source_location
+    from zk0lib.sources import hub_root, repaired_root, source_location
 
     if cfg.data.validate == "off":
         return None
@@ -544,7 +546,7 @@ def check_before_training(cfg: Any, progress: Any = None) -> Report | None:
             if spec.name not in broken:
                 continue
             repo_id, root = source_location(cfg, spec)
-            root = root if root is not None else _hub_root(repo_id)
+            root = root if root is not None else hub_root(repo_id)
             dest = repaired_root(cfg.cache_dir, spec.name, root)
             if not (dest / "meta" / "info.json").exists():
                 if progress is not None:
@@ -568,7 +570,7 @@ def validate_cached(
     """validate_dataset, remembered under data_cache/validation (keyed by the dataset's files and options)."""
     decode = decode or {"off": "none"}.get(cfg.data.validate, cfg.data.validate)
     fraction = cfg.data.validate_fraction if fraction is None else fraction
-    key = _dataset_key(root) + json.dumps([decode, fraction, cfg.model.chunk_size, VALIDATOR_VERSION])
+    key = dataset_key(root) + json.dumps([decode, fraction, cfg.model.chunk_size, VALIDATOR_VERSION])
     path = cfg.cache_dir / "validation" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.json"
     if path.exists():
         return Report.from_dict(json.loads(path.read_text()))
@@ -590,16 +592,6 @@ def validate_cached(
 VALIDATOR_VERSION = 1
 
 
-def _dataset_key(root: Path) -> str:
-    """What identifies a dataset's content cheaply: its files' names, sizes and modification times."""
-    parts = []
-    for p in sorted(Path(root).rglob("*")):
-        if p.is_file():
-            st = p.stat()
-            parts.append(f"{p.relative_to(root)}:{st.st_size}:{st.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
-
-
 # ----------------------------------------------------------------------------- repairs
 
 
@@ -611,10 +603,6 @@ class Repair:
     dropped_frames: dict[int, list[int]]
     recomputed_stats: bool
     seconds: float
-
-
-def repaired_root(cache_dir: Path, name: str, source: Path) -> Path:
-    return cache_dir / "repaired" / f"{name}-{hashlib.sha256(_dataset_key(source).encode()).hexdigest()[:12]}"
 
 
 def repair_dataset(

@@ -20,20 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from zk0lib.config import ExperimentConfig
-from zk0lib.simulation import (
-    FederatedRunError,
-    RunResult,
+from zk0lib.fl.simulation import (
     _bin,
     _free_port,
     _kill_tree,
-    encode_config,
     failing_run,
     finish_run,
     flower_env,
     stage_app,
-    start_run,
     stream_flwr_run,
 )
+from zk0lib.fl.transport import encode_config
+from zk0lib.launch import FederatedRunError, RunResult, start_run
 
 CONNECTION = "zk0-local-tls"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -196,7 +194,12 @@ class SecureFederation:
             return []
 
     def start_supernode(
-        self, pid: int, private_key: Path | None, tls: bool = True, log: Any = None, max_retries: int | None = None
+        self,
+        partition_id: int,
+        private_key: Path | None,
+        tls: bool = True,
+        log: Any = None,
+        max_retries: int | None = None,
     ) -> subprocess.Popen:
         args = ["--superlink", f"127.0.0.1:{self.port}", "--port", str(_free_port())]
         if max_retries is not None:
@@ -205,7 +208,7 @@ class SecureFederation:
         args += ["--root-certificates", str(self.certs["ca"])] if tls else ["--insecure"]
         if private_key is not None:
             args += ["--auth-supernode-private-key", str(private_key)]
-        args += ["--node-config", f"partition-id={pid} num-partitions={len(self.cfg.data.clients)}"]
+        args += ["--node-config", f"partition-id={partition_id} num-partitions={len(self.cfg.data.clients)}"]
         return self._start("flower-supernode", *args, log=log)
 
     def __exit__(self, *exc: Any) -> None:

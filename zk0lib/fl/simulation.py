@@ -19,43 +19,17 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from zk0lib import env
-from zk0lib.config import BASE, BASE_DIR_ENV, TINY, ExperimentConfig, resolve_pretrained, validate
-from zk0lib.data import dataset_location, load_metadata
-from zk0lib.federation import encode_config
-from zk0lib.model import check_pretrained, ensure_tiny_vlm
+from zk0lib.config import BASE, BASE_DIR_ENV, ExperimentConfig, resolve_pretrained
+from zk0lib.fl.transport import encode_config
+from zk0lib.launch import FederatedRunError, RunResult, start_run
 from zk0lib.runs import RunRecord, resume_round, truncate_rounds, utc_now
-from zk0lib.validate import Report, check_before_training
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RAY_START_FAILURE = re.compile(r"Failed to connect to GCS|Could not start Ray|RaySystemError")
-
-
-class FederatedRunError(RuntimeError):
-    """The federated run failed; the run folder holds the reason and flower.log the details."""
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    path: Path
-    status: str
-    summary: dict[str, Any]
-    rounds: list[dict[str, Any]]
-    wall_seconds: float
-
-    @property
-    def record(self) -> RunRecord:
-        return RunRecord(self.path)
-
-    @classmethod
-    def of(cls, run: RunRecord, wall_seconds: float) -> RunResult:
-        summary = run.summary()
-        return cls(run.run_id, run.path, summary.get("status", "unknown"), summary, run.rounds(), wall_seconds)
 
 
 def stage_app(dest: Path) -> Path:
@@ -64,7 +38,7 @@ def stage_app(dest: Path) -> Path:
     `flwr run .` in the checkout works too, but Flower walks every file under the app folder (the
     .venv included) to build the FAB: ~20 s here. The staged copy holds only what the FAB carries.
     """
-    src = Path(__file__).resolve().parents[1]
+    src = Path(__file__).resolve().parents[2]
     pyproject = src / "pyproject.toml"
     if not pyproject.exists() or "[tool.flwr.app]" not in pyproject.read_text():
         raise FederatedRunError(f"no Flower app found at {src}: run zk0 from its source checkout")
@@ -85,38 +59,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def prepare(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None) -> Report | None:
-    """Check and make what every process will open, before any starts: fail here, early and clearly,
-    rather than inside a simulation; and no two clients race to write the same dataset."""
-    cpus = os.cpu_count() or 1
-    if cfg.fl.client_num_cpus > cpus:
-        raise FederatedRunError(
-            f"fl.client_num_cpus={cfg.fl.client_num_cpus} but this machine has {cpus} CPUs: "
-            f"no simulated client could start; use --set fl.client_num_cpus={cpus}"
-        )
-    if cfg.fl.client_num_gpus > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise FederatedRunError(
-                "fl.client_num_gpus > 0 but no CUDA GPU is visible: use --set fl.client_num_gpus=0 --set model.device=cpu"
-            )
-    entries = [(f"data.clients.{i}", c) for i, c in enumerate(cfg.data.clients)]
-    entries += [(f"data.eval_only.{i}", c) for i, c in enumerate(cfg.data.eval_only)]
-    for key, client in entries:
-
-        def report(done: int, total: int, name: str = client.name) -> None:
-            if progress is not None and (done % 5 == 0 or done == total):
-                progress(f"recording {name}: {done}/{total} expert episodes")
-
-        load_metadata(*dataset_location(cfg, client, report), key)
-    if cfg.model.pretrained == TINY:
-        ensure_tiny_vlm()
-    else:
-        check_pretrained(cfg.model.pretrained)
-    return check_before_training(cfg, progress)
 
 
 def _kill_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -161,6 +103,9 @@ def flower_env(cfg: ExperimentConfig, flwr_home: Path) -> dict[str, str]:
             "PYTHONUNBUFFERED": "1",
             # Ray's GCS client gives up after 5 s by default: too short on a loaded 2-core machine
             "RAY_gcs_rpc_server_connect_timeout_s": os.environ.get("RAY_gcs_rpc_server_connect_timeout_s", "60"),
+            # no idle Ray workers started ahead of the client actors (they compete with them for the CPUs)
+            "RAY_enable_worker_prestart": os.environ.get("RAY_enable_worker_prestart", "0"),
+            "RAY_prestart_worker_first_driver": os.environ.get("RAY_prestart_worker_first_driver", "0"),
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         }
     )
@@ -293,26 +238,6 @@ def _last_error(log_path: Path) -> str:
     errors = [x for x in lines if re.match(r"^[\w.]+(Error|Exception): ", x)]
     errors += [x.split(":", 1)[1].strip() for x in lines if re.match(r"^ERROR\s*:", x)]
     return errors[0] if errors else f"see {log_path}"
-
-
-def start_run(
-    cfg: ExperimentConfig, kind: str, progress: Callable[[str], None] | None, run: RunRecord | None = None
-) -> RunRecord:
-    """Check everything a run needs, then create its folder (with the validation report): a run that
-    cannot start leaves no folder behind."""
-    env.quiet()
-    validate(cfg)
-    env.use_offline_hub_if_possible(cfg)
-    validation = prepare(cfg, progress)
-    run = run or RunRecord.create(cfg, kind)
-    if validation is not None:
-        validation.save(run.path, "validation")
-        if validation.findings and progress is not None:
-            progress(
-                f"validation: {len(validation.errors)} errors, {len(validation.warnings)} warnings "
-                f"(allowed: data.allow_invalid={cfg.data.allow_invalid}); see {run.path / 'validation.csv'}"
-            )
-    return run
 
 
 def resume_federated(run_dir: str | Path, progress: Callable[[str], None] | None = print) -> RunResult:
