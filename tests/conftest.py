@@ -12,7 +12,7 @@ env.quiet()
 torch.set_num_threads(2)
 
 # Tests that start Flower runs, CLI processes, sweeps or simulated recordings: `make test-fast` leaves them out.
-E2E_FIXTURES = {"zk0_cli", "smoke_run", "adam_run", "three_kinds", "faulty_run", "sweep_dir", "recording"}
+E2E_FIXTURES = {"zk0_cli", "smoke_run", "three_kinds", "faulty_run", "sweep_dir", "recording"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -83,23 +83,3 @@ def smoke_run(home, zk0_cli):
     t0 = time.time()
     out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-smoke")
     return out, time.time() - t0, t0
-
-
-@pytest.fixture(scope="session")
-def real_path_args(home) -> list[str]:
-    """--set options of the real path's shape: the smoke run's policy folder as the pretrained model, a server
-    optimizer, bf16 deltas, client-side evaluation, one round."""
-    pretrained = home / "reports" / "runs" / "e2e-smoke" / "checkpoints" / "final"
-    settings = (f"model.pretrained={pretrained}", "fl.strategy=fedadam", "fl.transport_dtype=bfloat16")
-    settings += ("eval.where=clients", "fl.num_rounds=1")
-    return [x for kv in settings for x in ("--set", kv)]
-
-
-@pytest.fixture(scope="session")
-def adam_run(zk0_cli, smoke_run, real_path_args):
-    """`zk0 train` on the real path's shape (see real_path_args), with W&B offline: (process, start time)."""
-    import time
-
-    t0 = time.time()
-    out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-adam", *real_path_args, "--set", "output.wandb=true")
-    return out, t0

@@ -109,44 +109,54 @@ def test_cli_check_reports_a_table(home):
     assert "lab-red" in out.stdout and "2/2" in out.stdout
 
 
-def test_the_base_fine_tunes_on_labs_with_closed_loop_before_and_after(home, zk0_cli, recording):
+def test_the_real_path_shape_on_labs_from_the_base_with_closed_loop_before_and_after(home, zk0_cli, recording):
+    """The real path at tiny scale: a pretrained policy folder (the shipped base), FedAdam, bf16 deltas,
+    evaluation on the clients, W&B offline, and closed loop in the labs before and after fine-tuning."""
+    import time
+
+    from test_federation import _alive_flower_processes  # tests/ is on sys.path
+
     from zk0lib.runs import RunRecord
 
     labs = [{"name": lab, "source": "sim", "lab": lab} for lab in ("lab-red", "lab-blue")]
+    settings = {
+        "data.clients": json.dumps(labs),
+        "data.eval_only": '[{"name": "lab-unseen", "source": "sim", "lab": "lab-unseen"}]',
+        "data.sim_episodes": 3,
+        "data.sim_image_size": IMAGE,
+        "data.heldout_episodes": 1,
+        "model.pretrained": "base",
+        "fl.strategy": "fedadam",
+        "fl.transport_dtype": "bfloat16",
+        "fl.num_rounds": 1,
+        "eval.where": "clients",
+        "eval.rollout_episodes": 1,
+        "eval.rollout_max_frames": 30,
+        "eval.rollout_round0": "true",
+        "output.wandb": "true",
+    }
+    t0 = time.time()
     out = zk0_cli(
         "train",
         "--preset",
         "smoke",
         "--run-id",
         "e2e-labs",
-        "--set",
-        f"data.clients={json.dumps(labs)}",
-        "--set",
-        'data.eval_only=[{"name": "lab-unseen", "source": "sim", "lab": "lab-unseen"}]',
-        "--set",
-        "data.sim_episodes=3",
-        "--set",
-        f"data.sim_image_size={IMAGE}",
-        "--set",
-        "data.heldout_episodes=1",
-        "--set",
-        "fl.num_rounds=1",
-        "--set",
-        "eval.rollout_episodes=1",
-        "--set",
-        "eval.rollout_max_frames=30",
-        "--set",
-        "model.pretrained=base",
-        "--set",
-        "eval.rollout_round0=true",
+        *(x for k, v in settings.items() for x in ("--set", f"{k}={v}")),
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert _alive_flower_processes(t0) == []
     run = RunRecord(home / "reports" / "runs" / "e2e-labs")
-    first = run.rounds()[0]  # the shipped base, closed loop before any fine-tuning, in the same labs
+    rounds, trainable = run.rounds(), run.summary()["parameters"]["trainable"]
+    first = rounds[0]  # the shipped base, closed loop before any fine-tuning, in the same labs
     assert first["round"] == 0 and set(first["rollout"]["labs"]) == {"lab-red", "lab-blue", "lab-unseen"}
+    assert set(first["eval"]["clients"]) == {"lab-red", "lab-blue"}  # the clients judged the base too
     assert run.summary()["start_rollout"]["round"] == 0
-    last = run.rounds()[-1]
+    last = rounds[-1]
     assert set(last["train"]["clients"]) == {"lab-red", "lab-blue"}
+    assert all(m["proximal_mu"] == 0 for m in last["train"]["clients"].values())  # fedadam: no FedProx term
+    assert last["bytes_received"] == 2 * trainable * 2  # bf16 deltas up
+    assert last["bytes_sent"] == 2 * trainable * 2 + 2 * trainable * 4  # bf16 weights to train, fp32 to judge
     assert set(last["eval"]["clients"]) == {"lab-red", "lab-blue"} and "lab-unseen" in last["eval"]["eval_only"]
     labs_done = last["rollout"]["labs"]
     assert set(labs_done) == {"lab-red", "lab-blue", "lab-unseen"} and labs_done["lab-unseen"]["role"] == "eval_only"
@@ -155,6 +165,15 @@ def test_the_base_fine_tunes_on_labs_with_closed_loop_before_and_after(home, zk0
     assert last["rollout"]["clients"]["episodes"] == 2
     assert run.summary()["final_rollout"]["labs"]["lab-red"]["episodes"] == 1
     assert "closed-loop success" in out.stdout
+    offline = list((run.path / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))  # one W&B run, written offline
+
+    bench = zk0_cli("bench", "comms", "--run", str(run.path))  # the model rebuilt on its own, not from the record
+    assert bench.returncode == 0, bench.stdout[-2000:] + bench.stderr[-4000:]
+    result = json.loads((home / "reports" / "bench" / "comms.json").read_text())
+    assert result["run"]["matches"] and result["run"]["upload_bytes_per_client_round"] == [trainable * 2]
+    assert result["smolvla_base"]["trainable_bf16_share_of_full"] <= 0.12
+    assert "-> match" in bench.stdout
 
 
 def test_recorded_lab_validates_clean(recording):
