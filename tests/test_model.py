@@ -90,7 +90,7 @@ def test_checkpoint_reloads_in_a_fresh_process_elsewhere(fresh_bundle, tmp_path,
 
 
 def test_load_policy_round_trip(fresh_bundle, tmp_path, heldout_set, smoke_cfg):
-    from zk0lib.train import evaluate
+    from zk0lib.evaluation import evaluate
 
     model.save_policy(fresh_bundle, tmp_path / "p")
     model.save_policy(fresh_bundle, tmp_path / "p")  # overwriting an existing checkpoint is atomic too
