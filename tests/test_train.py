@@ -185,7 +185,6 @@ def test_undecodable_batches_are_skipped_and_counted(fresh_bundle, smoke_cfg, co
 
 def test_an_explicit_warmup_is_the_warmup_used(fresh_bundle):
     """lerobot shrinks its preset warm-up to short runs (steps / 30,000); train.warmup_steps is kept as given."""
-    peak = fresh_bundle.policy.config.optimizer_lr
     _, given = train.make_optimizer(fresh_bundle.policy, total_steps=200, start_step=0, warmup_steps=50)
     ramp = [given.lr_lambdas[0](s) for s in (0, 25, 49)]
     assert ramp[0] < 0.05 and 0.4 < ramp[1] < 0.6 and 0.95 < ramp[2] < 1.0  # linear up to step 50
@@ -193,7 +192,6 @@ def test_an_explicit_warmup_is_the_warmup_used(fresh_bundle):
     assert preset.lr_lambdas[0](25) > 0.95  # the preset's 1,000 warm-up steps became int(1000 * 200 / 30000) = 6
     _, late = train.make_optimizer(fresh_bundle.policy, total_steps=200, start_step=100, warmup_steps=50)
     assert late.lr_lambdas[0](0) == pytest.approx(given.lr_lambdas[0](100))  # round 2 continues the schedule
-    assert peak > 0
 
 
 def test_skipped_batches_are_counted_as_batches_with_their_items_named(fresh_bundle, smoke_cfg, train_set):

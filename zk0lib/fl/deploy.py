@@ -29,6 +29,7 @@ from zk0lib.fl.simulation import (
     flower_env,
     stage_app,
     stream_flwr_run,
+    write_flwr_config,
 )
 from zk0lib.fl.transport import encode_config
 from zk0lib.launch import FederatedRunError, RunResult, start_run
@@ -129,11 +130,7 @@ class SecureFederation:
         self.env = flower_env(cfg, self.home)
 
     def __enter__(self) -> SecureFederation:
-        (self.home / "app").mkdir(parents=True, exist_ok=True)
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{self.port}"\nroot-certificates = "{self.certs["ca"]}"\n'
-        )
+        write_flwr_config(self.home, CONNECTION, self.port, f'root-certificates = "{self.certs["ca"]}"')
         self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
         self.superlink = self._start(
             "flower-superlink",

@@ -160,6 +160,15 @@ def finish_run(run: RunRecord, t0: float, log_path: Path, status: str) -> RunRes
     return result
 
 
+def write_flwr_config(home: Path, connection: str, port: int, transport: str) -> None:
+    """The FLWR_HOME a run's `flwr` commands use: one loopback connection (`transport`: its TLS line)."""
+    (home / "app").mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{connection}"\n\n[superlink.{connection}]\n'
+        f'address = "127.0.0.1:{port}"\n{transport}\n'
+    )
+
+
 class LocalSuperLink:
     """A private simulation SuperLink on loopback; a context manager that always cleans up."""
 
@@ -172,11 +181,7 @@ class LocalSuperLink:
         self.env = flower_env(cfg, self.home)
 
     def __enter__(self) -> LocalSuperLink:
-        (self.home / "app").mkdir(parents=True, exist_ok=True)
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{self.connection}"\n\n[superlink.{self.connection}]\n'
-            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
-        )
+        write_flwr_config(self.home, self.connection, self.port, "insecure = true")
         self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
         self.proc = subprocess.Popen(
             [
