@@ -23,9 +23,10 @@ def _(mo):
     mo.md("""
     # zk0 results
 
-    Runs recorded under the runs folder (federated, centralized and local-only side by side). Pick
-    runs in the table to compare their configs, their per-round curves and their videos. Nothing is
-    re-run: everything comes from the run folders.
+    Every run recorded anywhere under the reports folder (the demo, compare, sweeps, `zk0 train`),
+    federated, centralized and local-only side by side; `source` says which folder each came from.
+    Pick runs in the table to compare their configs, their per-round curves and their videos. Nothing
+    is re-run: everything comes from the run folders.
     """)
     return
 
@@ -33,8 +34,8 @@ def _(mo):
 @app.cell
 def _(mo, os, zk0_home):
     runs_dir = mo.ui.text(
-        value=os.environ.get("ZK0_RUNS_DIR", str(zk0_home() / "reports" / "runs")),
-        label="runs folder",
+        value=os.environ.get("ZK0_RUNS_DIR", str(zk0_home() / "reports")),
+        label="reports folder (searched for runs at any depth)",
         full_width=True,
     )
     runs_dir
@@ -43,30 +44,39 @@ def _(mo, os, zk0_home):
 
 @app.cell
 def _(Path, mo, report, runs_dir):
-    table = report.runs_table(Path(runs_dir.value))
+    table = report.runs_table(Path(runs_dir.value), recursive=True)
+    if not table.empty:  # grouped by where they came from, oldest first within a group
+        table = table.sort_values(["source", "started_at"], na_position="last", kind="stable").reset_index(drop=True)
+    sources = ", ".join(f"{k} ({v})" for k, v in table["source"].value_counts(sort=False).items()) if len(table) else ""
     picker = (
-        mo.ui.table(table, selection="multi", label=f"{len(table)} runs", page_size=15) if not table.empty else None
+        mo.ui.table(table, selection="multi", label=f"{len(table)} runs: {sources}", page_size=15)
+        if not table.empty
+        else None
     )
-    picker if picker is not None else mo.md(f"No runs under `{runs_dir.value}` yet: `zk0 train --preset smoke`.")
+    picker if picker is not None else mo.md(f"No runs under `{runs_dir.value}` yet: `make demo` or `zk0 train`.")
     return picker, table
 
 
 @app.cell
 def _(Path, picker, runs, runs_dir, table):
     if picker is not None and len(picker.value):
-        chosen_ids = list(picker.value["run_id"])
-    else:  # nothing picked yet: the latest two runs
-        chosen_ids = list(table.run_id[-2:]) if len(table) else []
-    chosen = [runs.RunRecord(Path(runs_dir.value) / rid) for rid in chosen_ids]
-    return (chosen,)
+        chosen_paths = list(picker.value["path"])
+    else:  # nothing picked yet: the two newest runs
+        chosen_paths = list(table.sort_values("started_at").path[-2:]) if len(table) else []
+    chosen = [runs.RunRecord(Path(p)) for p in chosen_paths]
+
+    def label(run):  # run ids repeat across sources (two compares both hold fedprox-s0): name by folder
+        return runs.run_source(run, Path(runs_dir.value)) + "/" + run.run_id
+
+    return chosen, label
 
 
 @app.cell
-def _(chosen, flat_items, mo, pd):
+def _(chosen, flat_items, label, mo, pd):
     def _config_diff():
         if len(chosen) < 2:
             return mo.md("Pick two or more runs to see how their configs differ.")
-        flat = {r.run_id: flat_items(r.config()) for r in chosen}
+        flat = {label(r): flat_items(r.config()) for r in chosen}
         keys = sorted({k for f in flat.values() for k in f})
         rows = [
             {"key": k, **{rid: f.get(k) for rid, f in flat.items()}}
@@ -92,7 +102,8 @@ def _(chosen, mo, report):
                     [
                         mo.ui.altair_chart(report.compare_chart(df, "loss")),
                         mo.ui.altair_chart(report.compare_chart(df, "action_mae")),
-                    ]
+                    ],
+                    wrap=True,
                 ),
             ]
         )
@@ -102,7 +113,7 @@ def _(chosen, mo, report):
 
 
 @app.cell
-def _(chosen, mo, report):
+def _(chosen, label, mo, report):
     def _per_run():
         items = {}
         for run in chosen:
@@ -118,7 +129,7 @@ def _(chosen, mo, report):
             if not ro.empty:
                 widgets += [mo.ui.altair_chart(report.rollout_chart(ro)), mo.ui.table(ro, selection=None)]
             widgets.append(mo.ui.table(report.round_frame(run), selection=None, label="per round"))
-            items[run.run_id] = mo.vstack(widgets)
+            items[label(run)] = mo.vstack(widgets)
         return mo.vstack([mo.md("## Each run"), mo.accordion(items)]) if items else mo.md("")
 
     _per_run()
@@ -126,9 +137,9 @@ def _(chosen, mo, report):
 
 
 @app.cell
-def _(chosen, mo):
+def _(chosen, label, mo):
     def _videos():
-        found = {run.run_id: sorted((run.path / "videos").rglob("*.mp4")) for run in chosen}
+        found = {label(run): sorted((run.path / "videos").rglob("*.mp4")) for run in chosen}
         found = {k: v for k, v in found.items() if v}
         if not found:
             return mo.md("No videos in the chosen runs (notebook 03 or `eval.rollout_videos=true` make them).")

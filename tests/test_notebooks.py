@@ -44,7 +44,8 @@ def _summary_output(executed: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sweep_dir(home, zk0_cli):
+def sweep_cli(home, zk0_cli):
+    """`zk0 sweep` of two points, as a user would run it: (its folder, the finished process)."""
     out = zk0_cli(
         "sweep",
         "--preset",
@@ -59,7 +60,21 @@ def sweep_dir(home, zk0_cli):
         "train.local_steps=2",
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return home / "reports" / "sweeps" / "t2"
+    return home / "reports" / "sweeps" / "t2", out
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(sweep_cli):
+    return sweep_cli[0]
+
+
+def test_sweep_streams_the_notebooks_progress_to_the_terminal(sweep_cli):
+    out = sweep_cli[1]
+    lines = out.stdout.splitlines()
+    # notebook 02's own progress lines, as its cells print them, behind the notebook's number
+    for expected in ("  02 | round 0/1", "  02 | round 1/1", "  04 | "):
+        assert any(line.startswith(expected) for line in lines), (expected, out.stdout[-3000:])
+    assert "without encryption" not in out.stdout + out.stderr  # kernels over IPC: no Jupyter TCP warning
 
 
 def test_two_point_sweep_runs_papermill_and_tabulates(sweep_dir):

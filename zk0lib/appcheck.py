@@ -96,3 +96,56 @@ def check_app(
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+def check_page(page_path: Path, timeout_s: float = 60.0, chromium: str = "/usr/bin/chromium") -> dict[str, Any]:
+    """Open an offline report page (file://) in headless Chromium with every non-file request refused:
+    what was asked of the network, how many charts drew (SVG inside each chart block) and, for every
+    <video>, whether Chromium decoded its first frame."""
+    from playwright.sync_api import sync_playwright
+
+    if not Path(chromium).exists():
+        raise FileNotFoundError(f"{chromium} not found: install Debian's chromium (apt-get install chromium)")
+    page_path = Path(page_path).resolve()
+    refused: list[str] = []
+
+    def route(r: Any) -> None:
+        if r.request.url.startswith(("file://", "data:")):
+            r.continue_()
+        else:
+            refused.append(r.request.url)
+            r.abort()
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            context = browser.new_context(offline=True)
+            page = context.new_page()
+            page.route("**/*", route)
+            page.goto(page_path.as_uri(), timeout=timeout_s * 1000)
+            charts = page.evaluate(
+                "() => [...document.querySelectorAll('.chart')].map(c => c.querySelectorAll('svg').length)"
+            )
+            videos = page.evaluate(
+                """async (ms) => Promise.all([...document.querySelectorAll('video')].map(v => new Promise(done => {
+                    const report = () => done({src: v.getAttribute('src'), ready: v.readyState,
+                        duration: v.duration, width: v.videoWidth, error: v.error ? v.error.code : null});
+                    if (v.readyState >= 2) return report();
+                    v.addEventListener('loadeddata', report, {once: true});
+                    v.addEventListener('error', report, {once: true});
+                    v.preload = 'auto'; v.load();
+                    setTimeout(report, ms);
+                })))""",
+                timeout_s * 500,
+            )
+            title = page.title()
+        finally:
+            browser.close()
+    return {
+        "title": title,
+        "refused_requests": refused,
+        "charts": len(charts),
+        "charts_drawn": sum(1 for n in charts if n > 0),
+        "videos": videos,
+        "videos_playable": sum(1 for v in videos if v["ready"] >= 2 and v["width"] > 0 and not v["error"]),
+    }

@@ -6,31 +6,83 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from zk0lib.config import load_config, zk0_home
 from zk0lib.runs import RunRecord, atomic_write_text, utc_now
 from zk0lib.workbook import NOTEBOOKS, notebooks_dir
 
 
-def run_notebook(name: str, out: Path, parameters: dict[str, Any], timeout_s: int | None = None) -> Path:
-    """Execute notebooks/<name>.ipynb with papermill into `out`; raises on a failing cell."""
+class PrefixedLines:
+    """Where papermill writes a notebook's printed output while its cells run: each complete line goes
+    to `sink` (the terminal) behind `prefix`, so a long notebook shows what it is doing as it does it."""
+
+    def __init__(self, prefix: str, sink: TextIO | None = None):
+        self.prefix, self.sink, self._partial = prefix, sink or sys.stdout, ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text.replace("\r", "\n")).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if line.strip():
+                self.sink.write(f"{self.prefix}{line}\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.sink.flush()
+
+    def close(self) -> None:
+        if self._partial.strip():
+            self.sink.write(f"{self.prefix}{self._partial}\n")
+        self._partial = ""
+        self.flush()
+
+
+def _quiet_kernel_manager() -> type:
+    """The kernel manager papermill starts kernels with, over IPC sockets instead of loopback TCP: the
+    kernel's "running over TCP without encryption" warning stays off the terminal, and no port is open."""
+    from jupyter_client import AsyncKernelManager
+
+    class IpcKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs: Any):
+            super().__init__(transport="ipc", **kwargs)
+
+    return IpcKernelManager
+
+
+def run_notebook(
+    name: str,
+    out: Path,
+    parameters: dict[str, Any],
+    timeout_s: int | None = None,
+    stream: TextIO | None = None,
+) -> Path:
+    """Execute notebooks/<name>.ipynb with papermill into `out`; raises on a failing cell. With `stream`
+    (e.g. sys.stdout), what the cells print is written there line by line while they run."""
     import papermill
 
     out.mkdir(parents=True, exist_ok=True)
     target = out / f"{name}.ipynb"
-    papermill.execute_notebook(
-        str(notebooks_dir() / f"{name}.ipynb"),
-        str(target),
-        parameters=parameters,
-        kernel_name="python3",
-        cwd=str(notebooks_dir()),
-        progress_bar=False,
-        execution_timeout=timeout_s,
-    )
+    lines = PrefixedLines(f"  {name[:2]} | ", stream) if stream is not None else None
+    try:
+        papermill.execute_notebook(
+            str(notebooks_dir() / f"{name}.ipynb"),
+            str(target),
+            parameters=parameters,
+            kernel_name="python3",
+            cwd=str(notebooks_dir()),
+            progress_bar=False,
+            execution_timeout=timeout_s,
+            stdout_file=lines,
+            kernel_manager_class=_quiet_kernel_manager(),
+        )
+    finally:
+        if lines is not None:
+            lines.close()
     return target
 
 
@@ -40,8 +92,10 @@ def run_workbook(
     overrides: dict[str, Any] | None = None,
     notebooks: tuple[str, ...] = NOTEBOOKS,
     progress=print,
+    echo: bool = True,
 ) -> dict[str, Any]:
-    """01 -> 04 with one preset into `out` (executed notebooks, their tables, the run)."""
+    """01 -> 04 with one preset into `out` (executed notebooks, their tables, the run, the offline report
+    index.html). With `echo`, the notebooks' printed progress streams to the terminal as they run."""
     out = Path(out).resolve()
     runs_dir = out / "runs"
     run_id = f"{preset}-{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}"
@@ -56,9 +110,13 @@ def run_workbook(
     for name in notebooks:
         t0 = time.perf_counter()
         progress(f"{name} ...")
-        done[name] = str(run_notebook(name, out, params[name]))
+        done[name] = str(run_notebook(name, out, params[name], stream=sys.stdout if echo else None))
         progress(f"{name}: {time.perf_counter() - t0:.0f} s -> {done[name]}")
-    return {"out": str(out), "run": str(runs_dir / run_id), "notebooks": done}
+    from zk0lib.page import write_report
+
+    page = write_report(out, title=f"zk0 {preset} workbook")
+    progress(f"report: {page}")
+    return {"out": str(out), "run": str(runs_dir / run_id), "notebooks": done, "report": str(page)}
 
 
 def parse_grid(grids: list[str]) -> list[dict[str, str]]:
@@ -85,6 +143,7 @@ def sweep(
     videos: bool = False,
     out_root: Path | None = None,
     progress=print,
+    echo: bool = True,
 ) -> dict[str, Any]:
     """02 (and 03) per grid point with papermill, then 04 over all points; failed points are recorded."""
     from zk0lib.config import ConfigError
@@ -120,12 +179,12 @@ def sweep(
                 "run_id": pid,
                 "runs_dir": str(runs_dir),
             }
-            entry["notebooks"] = [str(run_notebook("02_federated_training", out / pid, params))]
+            stream = sys.stdout if echo else None
+            entry["notebooks"] = [str(run_notebook("02_federated_training", out / pid, params, stream=stream))]
             if videos:
+                params_03 = {"run_dir": entry["run_dir"], "preset": preset}
                 entry["notebooks"].append(
-                    str(
-                        run_notebook("03_evaluation_videos", out / pid, {"run_dir": entry["run_dir"], "preset": preset})
-                    )
+                    str(run_notebook("03_evaluation_videos", out / pid, params_03, stream=stream))
                 )
             entry["status"] = "completed"
         except Exception as e:  # noqa: BLE001 - a failed point is recorded and the sweep goes on

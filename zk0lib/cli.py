@@ -282,6 +282,19 @@ def cmd_workbook(args: argparse.Namespace) -> int:
     print(f"  executed notebooks: {result['out']}")
     print(f"  run record:         {result['run']}")
     print(f"  results table:      {Path(result['out']) / 'results' / 'runs.md'}")
+    print(f"  report (offline):   {result['report']}  <- open this in a browser")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib.page import write_report
+    from zk0lib.runs import find_runs
+
+    root = Path(args.folder)
+    page = write_report(root, Path(args.out) if args.out else None, args.title or "")
+    print(f"zk0 report: {len(find_runs(root))} runs under {root} -> {page}")
     return 0
 
 
@@ -308,16 +321,20 @@ def cmd_app_check(args: argparse.Namespace) -> int:
 
     from zk0lib.appcheck import check_app
     from zk0lib.config import zk0_home
-    from zk0lib.runs import list_runs
+    from zk0lib.runs import find_runs
 
-    runs_dir = Path(args.runs_dir) if args.runs_dir else zk0_home() / "reports" / "runs"
-    found = list_runs(runs_dir)
+    runs_dir = Path(args.runs_dir) if args.runs_dir else zk0_home() / "reports"
+    found = find_runs(runs_dir)
     if not found:
-        print(f"zk0: no runs under {runs_dir}; run `zk0 train --preset smoke` first", file=sys.stderr)
+        print(f"zk0: no runs under {runs_dir}; run `make demo` or `zk0 train --preset smoke` first", file=sys.stderr)
         return 1
+    newest = max(found, key=lambda r: r.summary().get("started_at", ""))
     shot = Path(args.screenshot) if args.screenshot else zk0_home() / "reports" / "app-check.png"
-    result = check_app(runs_dir, shot, expect=found[-1].run_id)
-    print(f"the results app listed {found[-1].run_id} in {result['seconds']:.0f} s; screenshot: {result['screenshot']}")
+    result = check_app(runs_dir, shot, expect=newest.run_id)
+    print(
+        f"the results app found {len(found)} runs under {runs_dir} and listed the newest, {newest.run_id} "
+        f"({newest.path}), in {result['seconds']:.0f} s; screenshot: {result['screenshot']}"
+    )
     return 0
 
 
@@ -429,8 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", action="store_true", help="also run notebook 03 for every point")
     p.set_defaults(func=cmd_sweep)
 
+    p = sub.add_parser("report", help="one offline HTML page of every run (and notebook 01's checks) under a folder")
+    p.add_argument("folder", help="a reports folder, e.g. reports/demo or reports")
+    p.add_argument("--out", help="where to write the page (default FOLDER/index.html)")
+    p.add_argument("--title", help="the page's title")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("app-check", help="serve the marimo results app headless and load it in headless Chromium")
-    p.add_argument("--runs-dir", help="default: reports/runs")
+    p.add_argument("--runs-dir", help="a folder searched for runs at any depth (default: reports)")
     p.add_argument("--screenshot", help="default: reports/app-check.png")
     p.set_defaults(func=cmd_app_check)
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from zk0lib.runs import RunRecord, atomic_write_text, eval_only_of, list_runs
+from zk0lib.runs import RunRecord, atomic_write_text, eval_only_of, find_runs, list_runs, run_source
 
 # ----------------------------------------------------------------------------- per-run tables
 
@@ -120,21 +120,21 @@ def run_row(run: RunRecord) -> dict[str, Any]:
     rollout = (summary.get("final_rollout") or {}).get("clients") or {}
     start = (summary.get("start_rollout") or {}).get("clients") or {}
     per_round = bytes_per_round(run.rounds())
+    kind = raw.get("kind", "federated")
+    federated = kind == "federated"  # strategy, mu and transport mean nothing for the baselines: left empty
     return {
         "run_id": run.run_id,
-        "kind": raw.get("kind", "federated"),
+        "kind": kind,
         "status": summary.get("status", "unknown"),
         "preset": cfg["preset"],
-        "strategy": cfg["fl"]["strategy"],
+        "strategy": cfg["fl"]["strategy"] if federated else None,
         "clients": len(cfg["data"]["clients"]),
         "rounds": f"{summary.get('rounds_completed', 0)}/{cfg['fl']['num_rounds']}",
         "local_steps": cfg["train"]["local_steps"],
-        "mu": cfg["fl"]["proximal_mu"]
-        if raw.get("kind", "federated") == "federated" and cfg["fl"]["strategy"] == "fedprox"
-        else 0.0,
+        "mu": (cfg["fl"]["proximal_mu"] if cfg["fl"]["strategy"] == "fedprox" else 0.0) if federated else None,
         "lr": cfg["train"]["lr"],
         "batch": cfg["train"]["batch_size"],
-        "transport": cfg["fl"]["transport_dtype"],
+        "transport": cfg["fl"]["transport_dtype"] if federated else None,
         "seed": cfg["seed"],
         "final_loss": final.get("loss"),
         "final_loss_ci": _ci(final.get("loss_ci")),
@@ -163,8 +163,13 @@ def _ci(ci: list[float] | None) -> str:
     return "" if not ci or ci[0] is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
 
 
-def runs_table(runs_dir: str | Path) -> pd.DataFrame:
-    rows = [run_row(r) for r in list_runs(runs_dir)]
+def runs_table(runs_dir: str | Path, recursive: bool = False) -> pd.DataFrame:
+    """One row per run in `runs_dir` (or, `recursive`, anywhere under it: then with the `source` folder
+    each came from and its `path`), oldest first."""
+    if recursive:
+        rows = [{"source": run_source(r, runs_dir), **run_row(r), "path": str(r.path)} for r in find_runs(runs_dir)]
+    else:
+        rows = [run_row(r) for r in list_runs(runs_dir)]
     return (
         pd.DataFrame(rows).sort_values("started_at", na_position="last").reset_index(drop=True)
         if rows
@@ -212,7 +217,20 @@ def _alt():
     import altair as alt
 
     alt.data_transformers.disable_max_rows()
+    if "zk0" not in alt.renderers.names():
+        alt.renderers.register("zk0", _offline_renderer)
+    alt.renderers.enable("zk0")
     return alt
+
+
+def _offline_renderer(spec: dict, **_: Any) -> dict[str, Any]:
+    """How charts show in notebooks: the Vega-Lite spec (JupyterLab draws it, interactive) and the same
+    chart drawn to SVG by vl-convert, which an executed notebook converted to HTML shows with no network
+    (Altair's default HTML output loads vega from a CDN)."""
+    import vl_convert
+    from altair.vegalite.v6.display import VEGALITE_MIME_TYPE
+
+    return {VEGALITE_MIME_TYPE: spec, "image/svg+xml": vl_convert.vegalite_to_svg(spec), "text/plain": "<chart>"}
 
 
 def train_chart(df: pd.DataFrame):
@@ -230,7 +248,7 @@ def train_chart(df: pd.DataFrame):
             tooltip=["round", "client", "metric", alt.Tooltip("value:Q", format=".4g")],
         )
         .properties(width=220, height=160)
-        .facet(facet=alt.Facet("metric:N", title=None), columns=len(metrics))
+        .facet(facet=alt.Facet("metric:N", title=None), columns=2)
         .resolve_scale(y="independent")
     )
 

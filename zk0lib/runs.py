@@ -169,10 +169,47 @@ class RunRecord:
 
 
 def list_runs(runs_dir: str | Path) -> list[RunRecord]:
+    """The runs directly in `runs_dir`, by run id."""
     root = Path(runs_dir)
     if not root.exists():
         return []
-    return sorted((RunRecord(p) for p in root.iterdir() if (p / "config.json").exists()), key=lambda r: r.run_id)
+    return sorted((RunRecord(p) for p in root.iterdir() if is_run_folder(p)), key=lambda r: r.run_id)
+
+
+def is_run_folder(path: Path) -> bool:
+    """A run's folder holds its config.json and summary.json (a saved policy has a config.json only)."""
+    return (path / "config.json").is_file() and (path / "summary.json").is_file()
+
+
+def find_runs(root: str | Path, max_depth: int = 6) -> list[RunRecord]:
+    """Every run anywhere under `root` (demo, compare, sweeps, runs ...), by folder; a run's own folder is
+    not searched further (its checkpoints are policies, not runs)."""
+    root = Path(root)
+    found: list[RunRecord] = []
+
+    def walk(folder: Path, depth: int) -> None:
+        if is_run_folder(folder):
+            found.append(RunRecord(folder))
+            return
+        if depth >= max_depth:
+            return
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except OSError:
+            return
+        for child in children:
+            walk(child, depth + 1)
+
+    if root.is_dir():
+        walk(root, 0)
+    return found
+
+
+def run_source(run: RunRecord, root: str | Path) -> str:
+    """Where under `root` a run came from: the folder holding its runs folder (e.g. demo, compare/x)."""
+    rel = run.path.parent.relative_to(Path(root)) if run.path.is_relative_to(Path(root)) else run.path.parent
+    parts = rel.parts[:-1] if rel.parts and rel.parts[-1] == "runs" else rel.parts
+    return "/".join(parts) or "."
 
 
 # ----------------------------------------------------------------------------- resuming
