@@ -258,5 +258,8 @@ def aim_error(
         "pan_error_deg": float(np.mean([v["pan_error_deg"] for v in per_lab.values()])),
         "pan_error_if_mean_deg": float(np.mean([v["pan_error_if_mean_deg"] for v in per_lab.values()])),
         "pan_correlation": corr,  # of the chunk's last pan, predicted vs expert, over all episodes
+        # how much the chunk's last pan moves with the cube: a policy blind to the image has ~0 spread
+        "pan_spread_deg": float(last_p.std()),
+        "expert_pan_spread_deg": float(last_e.std()),
         "labs": per_lab,
     }
