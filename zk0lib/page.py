@@ -57,7 +57,7 @@ def _table(df: pd.DataFrame, max_rows: int = 200) -> str:
     if df is None or df.empty:
         return "<p><em>nothing recorded</em></p>"
     shown = df.head(max_rows).copy()
-    for col in shown.columns[shown.dtypes == object]:  # None (a field that does not apply) shows empty
+    for col in shown.select_dtypes(include="object").columns:  # None (a field that does not apply) shows empty
         shown[col] = shown[col].map(lambda v: "" if v is None else v)
     text = shown.to_html(index=False, na_rep="", float_format=lambda v: f"{v:.4g}", border=0, escape=True)
     more = f"<p>... and {len(df) - max_rows} more rows</p>" if len(df) > max_rows else ""
