@@ -225,3 +225,13 @@ def test_the_t_interval_keeps_its_coverage_where_a_percentile_bootstrap_does_not
     assert covered["bootstrap"] < 880, covered  # why the default is the t interval
     assert all(np.isfinite(evaluation.t_interval([[1.0, 2.0, 3.0], [5.0]])))  # one episode: the pooled variance
     assert all(np.isnan(evaluation.t_interval([[5.0]])))  # no variance to estimate: no interval
+
+
+def test_a_nonnegative_metric_interval_stops_at_zero(smoke_cfg):
+    import numpy as np
+
+    wide = [[0.1, 3.0], [0.2, 0.1]]  # two clients, spread episodes: the t interval reaches below 0
+    assert evaluation.t_interval(wide)[0] < 0
+    lo, hi = evaluation.mean_ci(wide, smoke_cfg)
+    assert lo == 0.0 and hi == evaluation.t_interval(wide)[1]
+    assert all(np.isnan(evaluation.mean_ci([[5.0]], smoke_cfg)))  # no interval stays no interval

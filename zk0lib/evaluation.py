@@ -209,9 +209,12 @@ def evaluate(bundle: model.PolicyBundle, dataset: Any, cfg: ExperimentConfig) ->
 
 
 def mean_ci(groups: list[list[float]], cfg: ExperimentConfig) -> list[float]:
-    """The 95% interval of the mean of group (client) means that eval.interval names."""
+    """The 95% interval of the mean of group (client) means that eval.interval names. The metrics it is
+    used for (flow-matching loss, action error) cannot be negative, so a t interval reaching below 0
+    (few, spread episodes) is cut at 0: the true mean is never there, so the coverage is the same."""
     if cfg.eval.interval == "t":
-        return t_interval(groups)
+        lo, hi = t_interval(groups)
+        return [0.0 if lo < 0 else lo, hi]  # NaN stays NaN
     return bootstrap_ci(groups, cfg.eval.bootstrap, cfg.eval.seed)
 
 

@@ -224,13 +224,13 @@ def _alt():
 
 
 def _offline_renderer(spec: dict, **_: Any) -> dict[str, Any]:
-    """How charts show in notebooks: the Vega-Lite spec (JupyterLab draws it, interactive) and the same
-    chart drawn to SVG by vl-convert, which an executed notebook converted to HTML shows with no network
-    (Altair's default HTML output loads vega from a CDN)."""
+    """How charts show in notebooks: drawn to SVG by vl-convert, so an executed notebook shows them in
+    JupyterLab and converted to HTML with no network (Altair's default HTML output loads vega from a
+    CDN). The spec itself is saved beside each chart (`save_chart`); Altair 6's Vega-Lite mimetype
+    (application/vnd.vegalite.v6.json) is not one nbformat accepts a JSON object under."""
     import vl_convert
-    from altair.vegalite.v6.display import VEGALITE_MIME_TYPE
 
-    return {VEGALITE_MIME_TYPE: spec, "image/svg+xml": vl_convert.vegalite_to_svg(spec), "text/plain": "<chart>"}
+    return {"image/svg+xml": vl_convert.vegalite_to_svg(spec), "text/plain": "<chart: SVG>"}
 
 
 def train_chart(df: pd.DataFrame):
