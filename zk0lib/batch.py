@@ -194,7 +194,8 @@ def sweep(
             progress(f"  failed: {entry['error']}")
         entry["seconds"] = time.perf_counter() - t0
         atomic_write_text(out / "sweep.json", json.dumps(record, indent=2))
-    record["results"] = str(run_notebook("04_results_tables", out, {"runs_dir": str(runs_dir), "output_dir": str(out)}))
+    params_04 = {"runs_dir": str(runs_dir), "output_dir": str(out)}
+    record["results"] = str(run_notebook("04_results_tables", out, params_04, stream=sys.stdout if echo else None))
     record["finished_at"] = utc_now()
     atomic_write_text(out / "sweep.json", json.dumps(record, indent=2))
     return record | {"out": str(out)}

@@ -44,7 +44,8 @@ class AttentionHeads(torch.nn.Module):
 
 base.GroundingHeads = AttentionHeads
 
-if __name__ == "__main__":
+
+def main():
     quiet()
     set_hub_offline()
     out, gsteps, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -91,3 +92,7 @@ if __name__ == "__main__":
             )
     model.save_policy(b, Path(out))
     print("saved", out)
+
+
+if __name__ == "__main__":
+    main()
