@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from zk0lib import data, evaluation, model, train
-from zk0lib.book import RoundBook, eval_record
+from zk0lib.book import RoundBook, RoundRecord, eval_record
 from zk0lib.config import ExperimentConfig
 from zk0lib.evaluation import HeldOutSets, closed_loop, eval_due, lab_rollout, rollout_due, sim_labs
 from zk0lib.launch import RunResult, start_run
@@ -96,7 +96,7 @@ class _Baseline:
             return None
         return torch.cat([torch.full((len(s),), 1.0 / len(s), dtype=torch.float64) for s in self.train_sets])
 
-    def finish_round(self, record: dict[str, Any], t0: float, train_seconds: float, eval_seconds: float) -> None:
+    def finish_round(self, record: RoundRecord, t0: float, train_seconds: float, eval_seconds: float) -> None:
         record["bytes_sent"] = record["bytes_received"] = 0
         record["seconds"] = {
             "round": time.perf_counter() - t0,
@@ -109,7 +109,8 @@ class _Baseline:
         """The untrained model, judged exactly as round 0 of a federated run."""
         t0 = time.perf_counter()
         evals, extra = self.heldout.evaluate(self.bundle)
-        record = {"round": 0, "eval": eval_record(self.cfg, evals, extra)}
+        record = self.book.start_record(0)
+        record["eval"] = eval_record(self.cfg, evals, extra)
         if rollout_due(self.cfg, 0):  # every kind of run starts from the same model: the same episodes
             record["rollout"] = closed_loop(self.cfg, self.bundle, None)
         self.finish_round(record, t0, 0.0, time.perf_counter() - t0)

@@ -5,17 +5,47 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypedDict
 
 from zk0lib import evaluation, model
 from zk0lib.config import ExperimentConfig
 from zk0lib.runs import RunRecord, eval_only_of, utc_now
 
 
-def eval_record(cfg: ExperimentConfig, clients: dict[str, Any], eval_only: dict[str, Any]) -> dict[str, Any]:
+class TrainSection(TypedDict):
+    clients: dict[str, dict[str, Any]]  # per client: train_loss, prox_term, update_norm, samples, steps, ...
+    aggregate: dict[str, float]  # the sample-weighted mean of every client metric
+
+
+class EvalSection(TypedDict, total=False):
+    clients: dict[str, dict[str, Any]]  # per client lab: loss, action_mae with their intervals, episodes
+    mean: dict[str, Any]  # the clients' mean (each weighs the same) with its interval
+    eval_only: dict[str, dict[str, Any]]  # datasets nobody trains on (runs before this round: "extra")
+
+
+class RoundRecord(TypedDict, total=False):
+    """One line of a run's metrics.jsonl, the same for federated, centralized and local-only runs:
+    `RoundBook.train_record` starts it, `eval_record` makes its eval section, `RoundBook.commit` writes it;
+    report, compare, hub, tracking, bench and the app read it (`RunRecord.rounds()`)."""
+
+    round: int  # 0: the starting model, evaluated only
+    time: str
+    train: TrainSection
+    num_train_clients: int
+    sampled: list[str]  # the clients the strategy sampled, in partition order (federated)
+    failures: list[dict[str, Any]]  # clients that failed or were screened out, with a one-line reason
+    eval: EvalSection
+    rollout: dict[str, Any]  # closed loop: per lab a summary and episodes, pooled client success
+    bytes_sent: int
+    bytes_received: int
+    seconds: dict[str, float]
+    memory: dict[str, float]
+
+
+def eval_record(cfg: ExperimentConfig, clients: dict[str, Any], eval_only: dict[str, Any]) -> EvalSection:
     """A round record's `eval` section, the same for every kind of run: each client's held-out result, their
     mean with its interval (each client weighs the same), and the eval-only datasets'."""
-    out: dict[str, Any] = {"clients": clients, "mean": evaluation.combine_clients(clients, cfg) if clients else {}}
+    out: EvalSection = {"clients": clients, "mean": evaluation.combine_clients(clients, cfg) if clients else {}}
     if eval_only:
         out["eval_only"] = eval_only
     return out
@@ -38,17 +68,20 @@ class RoundBook:
             self.tracker = WandbLogger(cfg, run)
 
     @staticmethod
-    def train_record(server_round: int, clients: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def start_record(server_round: int) -> RoundRecord:
+        """A round's record before anything is known of it (round 0, or a round where no client trained)."""
+        return {"round": server_round, "time": utc_now()}
+
+    @staticmethod
+    def train_record(server_round: int, clients: dict[str, dict[str, Any]]) -> RoundRecord:
         """The round's record head: per-client training metrics and their sample-weighted aggregate."""
         samples = sum(m.get("samples", 0) for m in clients.values()) or 1
         keys = sorted({k for m in clients.values() for k in m if k != "partition-id"})
         aggregate = {k: sum(m[k] * m.get("samples", 0) for m in clients.values() if k in m) / samples for k in keys}
-        return {
-            "round": server_round,
-            "time": utc_now(),
-            "train": {"clients": clients, "aggregate": aggregate},
-            "num_train_clients": len(clients),
-        }
+        record = RoundBook.start_record(server_round)
+        record["train"] = {"clients": clients, "aggregate": aggregate}
+        record["num_train_clients"] = len(clients)
+        return record
 
     def state(self) -> dict[str, Any]:
         return {"best": self.best, "totals": self.totals, "wall_seconds": time.perf_counter() - self.t_start}
@@ -67,7 +100,7 @@ class RoundBook:
         if server_round == self.cfg.fl.num_rounds:
             model.save_policy(bundle, self.run.checkpoint("final"))
 
-    def commit(self, record: dict[str, Any]) -> None:
+    def commit(self, record: RoundRecord) -> None:
         """Append the round, log it and bring the totals and the summary up to date."""
         clients = record.get("train", {}).get("clients", {}).values()
         self.totals["train_samples"] += sum(m.get("samples", 0) for m in clients)

@@ -140,7 +140,7 @@ class RunRecord:
         path = self.path / "summary.json"
         return read_json(path) if path.exists() else {}
 
-    def rounds(self) -> list[dict[str, Any]]:
+    def rounds(self) -> list[dict[str, Any]]:  # each a zk0lib.book.RoundRecord
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return []

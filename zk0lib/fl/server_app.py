@@ -36,7 +36,7 @@ from zk0lib.fl.transport import (
     stats_from_record,
     to_numpy_record,
 )
-from zk0lib.runs import RunRecord, load_resume_state, resume_round, save_resume_state, utc_now
+from zk0lib.runs import RunRecord, load_resume_state, resume_round, save_resume_state
 
 _CLIENT_SUMMARY_KEYS = ("partition-id", "episodes", "frames", "train-episodes", "train-frames", "heldout-episodes")
 
@@ -258,7 +258,7 @@ class FederatedServer:
                 evals = rd.client_evals
         eval_seconds = time.perf_counter() - t_eval
         judged = eval_record(cfg, evals, extra)
-        record: dict[str, Any] = {"round": server_round, "time": utc_now()}
+        record = book.start_record(server_round)
         if server_round > 0:
             record = book.train_record(server_round, rd.train)
             record |= {
