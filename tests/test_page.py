@@ -88,3 +88,11 @@ def test_report_page_offline_in_chromium(smoke_run, home, tmp_path):
     assert result["charts"] >= 4 and result["charts_drawn"] == result["charts"], result
     assert len(result["videos"]) == len(made)
     assert result["videos_playable"] == len(made), result["videos"]
+
+
+def test_report_of_a_missing_folder_is_one_clear_line(tmp_path, capsys):
+    from zk0lib.cli import main
+
+    assert main(["report", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert "is not a folder" in err and "reports/demo" in err and "Traceback" not in err

@@ -518,7 +518,14 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(
             e,
-            (FederatedRunError, ModelNotAvailableError, DatasetNotAvailableError, FileExistsError, DatasetInvalidError),
+            (
+                FederatedRunError,
+                ModelNotAvailableError,
+                DatasetNotAvailableError,
+                FileExistsError,
+                FileNotFoundError,
+                DatasetInvalidError,
+            ),
         ):
             print(f"zk0: {e}", file=sys.stderr)
             return 1
