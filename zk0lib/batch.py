@@ -42,16 +42,13 @@ class PrefixedLines:
         self.flush()
 
 
-def _quiet_kernel_manager() -> type:
-    """The kernel manager papermill starts kernels with, over IPC sockets instead of loopback TCP: the
-    kernel's "running over TCP without encryption" warning stays off the terminal, and no port is open."""
-    from jupyter_client import AsyncKernelManager
+def _ipc_kernels() -> Any:
+    """Traitlets config for the kernel manager papermill starts: kernels over IPC sockets instead of
+    loopback TCP, so no port is open and the kernel's "running over TCP without encryption" warning
+    stays off the terminal."""
+    from traitlets.config import Config
 
-    class IpcKernelManager(AsyncKernelManager):
-        def __init__(self, **kwargs: Any):
-            super().__init__(transport="ipc", **kwargs)
-
-    return IpcKernelManager
+    return Config({"KernelManager": {"transport": "ipc"}})
 
 
 def run_notebook(
@@ -78,7 +75,7 @@ def run_notebook(
             progress_bar=False,
             execution_timeout=timeout_s,
             stdout_file=lines,
-            kernel_manager_class=_quiet_kernel_manager(),
+            config=_ipc_kernels(),
         )
     finally:
         if lines is not None:
@@ -107,10 +104,11 @@ def run_workbook(
         "04_results_tables": {"runs_dir": str(runs_dir), "output_dir": str(out / "results")},
     }
     done = {}
+    stream = sys.stdout if echo else None
     for name in notebooks:
         t0 = time.perf_counter()
         progress(f"{name} ...")
-        done[name] = str(run_notebook(name, out, params[name], stream=sys.stdout if echo else None))
+        done[name] = str(run_notebook(name, out, params[name], stream=stream))
         progress(f"{name}: {time.perf_counter() - t0:.0f} s -> {done[name]}")
     from zk0lib.page import write_report
 
@@ -155,6 +153,7 @@ def sweep(
         except ConfigError as e:
             raise ConfigError(f"grid point {point}: {e}") from None
     sweep_id = sweep_id or f"{dt.datetime.now(dt.UTC):%Y%m%d-%H%M%S}-{preset}"
+    stream = sys.stdout if echo else None
     out = Path(out_root or zk0_home() / "reports" / "sweeps") / sweep_id
     runs_dir = out / "runs"
     record: dict[str, Any] = {
@@ -179,7 +178,6 @@ def sweep(
                 "run_id": pid,
                 "runs_dir": str(runs_dir),
             }
-            stream = sys.stdout if echo else None
             entry["notebooks"] = [str(run_notebook("02_federated_training", out / pid, params, stream=stream))]
             if videos:
                 params_03 = {"run_dir": entry["run_dir"], "preset": preset}
@@ -195,7 +193,7 @@ def sweep(
         entry["seconds"] = time.perf_counter() - t0
         atomic_write_text(out / "sweep.json", json.dumps(record, indent=2))
     params_04 = {"runs_dir": str(runs_dir), "output_dir": str(out)}
-    record["results"] = str(run_notebook("04_results_tables", out, params_04, stream=sys.stdout if echo else None))
+    record["results"] = str(run_notebook("04_results_tables", out, params_04, stream=stream))
     record["finished_at"] = utc_now()
     atomic_write_text(out / "sweep.json", json.dumps(record, indent=2))
     return record | {"out": str(out)}
