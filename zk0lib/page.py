@@ -87,14 +87,14 @@ def _datasets_section(root: Path) -> str:
         folder = clients_csv.parent
         parts.append(f"<h3>{html.escape(folder.relative_to(root).as_posix() or '.')}</h3>")
         clients = pd.read_csv(clients_csv)
-        parts.append(_table(clients.drop(columns=[c for c in ("root",) if c in clients])))
+        parts.append(_table(clients.drop(columns="root", errors="ignore")))
         findings = folder / "validation.csv"
         if findings.exists():
             df = pd.read_csv(findings)
             counts = df["severity"].value_counts().to_dict() if "severity" in df else {}
             said = ", ".join(f"{n} {s}" for s, n in counts.items()) or "no findings"
             parts.append(f"<p>validation: {html.escape(said)}</p>")
-            parts.append(_table(df.drop(columns=[c for c in ("fix",) if c in df]), max_rows=40))
+            parts.append(_table(df.drop(columns="fix", errors="ignore"), max_rows=40))
         decoding = folder / "decoding.csv"
         if decoding.exists():
             parts.append("<p>video decoding check</p>" + _table(pd.read_csv(decoding)))
@@ -137,15 +137,15 @@ def build_page(root: Path, title: str = "", page_dir: Path | None = None) -> str
     root = Path(root).resolve()
     page_dir = Path(page_dir or root).resolve()
     found = find_runs(root)
-    table = report.runs_table(root, recursive=True)
+    table = report.runs_table(root, recursive=True, runs=found)
     sections = [
         f"<h1>{html.escape(title or f'zk0 report: {root.name}')}</h1>",
         f'<p class="meta">{html.escape(str(root))} - {len(found)} runs - written {utc_now()}</p>',
         _datasets_section(root),
         "<h2>Results (every run under this folder)</h2>",
-        _table(table.drop(columns=[c for c in ("path",) if c in table]) if not table.empty else table),
+        _table(table.drop(columns="path", errors="ignore")),
     ]
-    if not table.empty and "success_rate" in table:
+    if not table.empty:
         cols = ["source", "run_id", "kind", "strategy", "round0_success_rate", "round0_success_ci"]
         cols += ["success_rate", "success_ci"]
         sections.append("<h3>Closed loop: the starting model (round 0) against the final one</h3>")

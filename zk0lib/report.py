@@ -163,13 +163,15 @@ def _ci(ci: list[float] | None) -> str:
     return "" if not ci or ci[0] is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
 
 
-def runs_table(runs_dir: str | Path, recursive: bool = False) -> pd.DataFrame:
+def runs_table(runs_dir: str | Path, recursive: bool = False, runs: list[RunRecord] | None = None) -> pd.DataFrame:
     """One row per run in `runs_dir` (or, `recursive`, anywhere under it: then with the `source` folder
-    each came from and its `path`), oldest first."""
+    each came from and its `path`), oldest first. `runs`: those already found under `runs_dir`."""
+    if runs is None:
+        runs = find_runs(runs_dir) if recursive else list_runs(runs_dir)
     if recursive:
-        rows = [{"source": run_source(r, runs_dir), **run_row(r), "path": str(r.path)} for r in find_runs(runs_dir)]
+        rows = [{"source": run_source(r, runs_dir), **run_row(r), "path": str(r.path)} for r in runs]
     else:
-        rows = [run_row(r) for r in list_runs(runs_dir)]
+        rows = [run_row(r) for r in runs]
     return (
         pd.DataFrame(rows).sort_values("started_at", na_position="last").reset_index(drop=True)
         if rows

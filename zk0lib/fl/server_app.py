@@ -258,9 +258,8 @@ class FederatedServer:
                 evals = rd.client_evals
         eval_seconds = time.perf_counter() - t_eval
         judged = eval_record(cfg, evals, extra)
-        record = book.start_record(server_round)
+        record = book.train_record(server_round, rd.train) if server_round > 0 else book.start_record(0)
         if server_round > 0:
-            record = book.train_record(server_round, rd.train)
             record |= {
                 "sampled": [
                     self.client_name(n) for n in sorted(rd.train_nodes, key=lambda n: self.partitions.get(n, 0))
