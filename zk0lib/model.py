@@ -98,29 +98,29 @@ def _write_vlm_folder(dest: Path, text: dict[str, Any], vision: dict[str, Any], 
     processor.save_pretrained(dest)
 
 
-def _tiny_vlm_folder(dest: Path) -> None:
-    _write_vlm_folder(
-        dest,
-        text={
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "max_position_embeddings": 1024,
-            "rope_theta": 10000.0,
-        },
-        vision={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": TINY_IMAGE_SIZE,
-            "patch_size": 16,
-        },
-        scale_factor=2,
-    )
+TINY_TEXT = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "max_position_embeddings": 1024,
+    "rope_theta": 10000.0,
+}
+TINY_VISION = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": TINY_IMAGE_SIZE,
+    "patch_size": 16,
+}
+
+
+def _tiny_vlm_folder(dest: Path, vision: dict[str, Any] | None = None) -> None:
+    """The tiny VLM's config and tokenizer; `vision` overrides parts of its vision tower (probes only)."""
+    _write_vlm_folder(dest, text=dict(TINY_TEXT), vision={**TINY_VISION, **(vision or {})}, scale_factor=2)
 
 
 def smolvlm2_500m_folder(dest: Path) -> None:

@@ -6,6 +6,7 @@ Hugging Face cache), so nothing shipped changes.
     python probes/aim/wider_vision.py OUT_FOLDER GROUNDING_STEPS ACTION_STEPS
 """
 
+import functools
 import os
 import sys
 import tempfile
@@ -17,33 +18,8 @@ import attention_grounding  # noqa: E402  (the attention readout replaces zk0lib
 
 from zk0lib import model  # noqa: E402
 
-
-def _wide_tiny_vlm_folder(dest):
-    model._write_vlm_folder(
-        dest,
-        text={
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
-            "max_position_embeddings": 1024,
-            "rope_theta": 10000.0,
-        },
-        vision={
-            "hidden_size": 128,
-            "intermediate_size": 256,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "image_size": model.TINY_IMAGE_SIZE,
-            "patch_size": 8,
-        },
-        scale_factor=2,
-    )
-
-
-model._tiny_vlm_folder = _wide_tiny_vlm_folder
+WIDE_VISION = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4}
+model._tiny_vlm_folder = functools.partial(model._tiny_vlm_folder, vision={**WIDE_VISION, "patch_size": 8})
 
 if __name__ == "__main__":
     attention_grounding.main()
