@@ -58,8 +58,11 @@ def test_nested_and_json_overrides():
         ("fl.fraction_train=0", "no client would train"),
         ("fl.min_train_clients=3", "fl.min_train_clients must be in [0, 2]"),
         ("fl.transport_dtype=float16", "fl.transport_dtype"),
-        ("data.heldout_episodes=6", "held-out episodes (6) must be fewer than data.synthetic_episodes (6)"),
-        ("data.clients.0.episodes=2", "held-out episodes (2) must be fewer than episodes used (2)"),
+        (
+            "data.heldout_episodes=5",
+            "held-out (5) and validation (1) episodes must be fewer than data.synthetic_episodes (6)",
+        ),
+        ("data.clients.0.episodes=3", "held-out (2) and validation (1) episodes must be fewer than episodes used (3)"),
         ("data.clients.0.source=ftp", "unknown source 'ftp'"),
         ("data.clients.0.source=local", "a local dataset needs its folder"),
         ("data.clients.0.source=hub data.clients.0.repo_id=pickplace", "a Hub dataset id"),
@@ -116,3 +119,21 @@ def test_unknown_preset():
 
 def test_parse_overrides_keeps_equals_in_values():
     assert parse_overrides('data.rename_map={"a":"b=c"}') == {"data.rename_map": '{"a":"b=c"}'}
+
+
+def test_validation_episodes_split_apart_from_the_held_out_ones():
+    from zk0lib.data import split_episodes
+
+    cfg = load_config("demo")
+    client = cfg.data.clients[0]
+    train, val, held = split_episodes(cfg, client, 20)
+    assert len(held) == cfg.data.heldout_episodes and len(val) == cfg.data.val_episodes == 1
+    assert sorted(train + val + held) == list(range(20)) and not set(val) & set(held)
+    cfg.data.val_episodes = 4
+    train4, val4, held4 = split_episodes(cfg, client, 20)
+    assert held4 == held and len(val4) == 4 and not set(val4) & set(train4)  # the test episodes do not move
+    cfg.data.val_episodes = 17
+    with pytest.raises(ValueError, match="lower data.heldout_episodes or data.val_episodes"):
+        split_episodes(cfg, client, 20)
+    with pytest.raises(ConfigError, match=r"validation \(17\) episodes must be fewer than data.sim_episodes"):
+        load_config("demo", {"data.val_episodes": 17})

@@ -155,7 +155,12 @@ def test_smoke_train_completes_with_complete_records(smoke_run, home):
     for r in rounds:
         assert set(r["eval"]["clients"]) == {"synth-0", "synth-1"}
         assert r["eval"]["mean"]["loss_ci"][0] <= r["eval"]["mean"]["loss"] <= r["eval"]["mean"]["loss_ci"][1]
-    assert summary["final"]["round"] == 2 and summary["best"]["round"] in (1, 2)
+    assert summary["final"]["round"] == 2
+    for r in rounds:  # one validation episode per client, apart from the held-out ones
+        assert {n: v["episodes"] for n, v in r["eval"]["validation"]["clients"].items()} == {"synth-0": 1, "synth-1": 1}
+    by_val = min(rounds[1:], key=lambda r: r["eval"]["validation"]["loss"])
+    assert summary["best"]["round"] == by_val["round"] and summary["best"]["selected_on"] == "validation"
+    assert summary["best"]["loss"] == by_val["eval"]["mean"]["loss"]  # reported on the test episodes
     assert all(r["eval"]["eval_only"]["unseen"]["episodes"] == cfg.data.synthetic_episodes for r in rounds)
     config = json.loads((run.path / "config.json").read_text())
     assert config["environment"]["packages"]["flwr"] and config["config"]["fl"]["num_rounds"] == 2

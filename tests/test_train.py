@@ -235,3 +235,26 @@ def test_a_nonnegative_metric_interval_stops_at_zero(smoke_cfg):
     lo, hi = evaluation.mean_ci(wide, smoke_cfg)
     assert lo == 0.0 and hi == evaluation.t_interval(wide)[1]
     assert all(np.isnan(evaluation.mean_ci([[5.0]], smoke_cfg)))  # no interval stays no interval
+
+
+def test_best_round_is_chosen_on_validation_not_on_the_reported_test_loss(tmp_path, smoke_cfg, fresh_bundle):
+    """Round 1 has the lower test loss, round 2 the lower validation loss: best is round 2, and says so."""
+    from zk0lib.book import RoundBook, eval_record
+    from zk0lib.runs import RunRecord
+
+    cfg = copy.deepcopy(smoke_cfg)
+    cfg.output.run_id, cfg.output.runs_dir = "best-choice", str(tmp_path / "runs")
+    book = RoundBook(cfg, RunRecord.create(cfg))
+
+    def judged(test: float, val: float) -> dict:
+        result = {"loss": test, "loss_ci": [test, test], "episodes": 2, "frames": 10, "episode_loss": {"0": test}}
+        return eval_record(cfg, {"synth-0": result}, {}, {"synth-0": {"loss": val, "episodes": 1}})
+
+    book.checkpoint(1, judged(test=0.5, val=0.9), fresh_bundle)
+    book.checkpoint(2, judged(test=0.7, val=0.4), fresh_bundle)
+    assert book.best["round"] == 2 and book.best["selected_on"] == "validation"
+    assert book.best["selection_loss"] == 0.4 and book.best["loss"] == 0.7  # reported: the test loss
+    no_val = eval_record(cfg, {"synth-0": judged(0.1, 0.0)["clients"]["synth-0"]}, {})
+    book.checkpoint(3, no_val, fresh_bundle)  # without validation episodes the test loss chooses
+    assert book.best["round"] == 3 and book.best["selected_on"] == "test"
+    assert (tmp_path / "runs" / "best-choice" / "checkpoints" / "best" / "model.safetensors").exists()

@@ -108,9 +108,8 @@ class _Baseline:
     def evaluate_round0(self) -> None:
         """The untrained model, judged exactly as round 0 of a federated run."""
         t0 = time.perf_counter()
-        evals, extra = self.heldout.evaluate(self.bundle)
         record = self.book.start_record(0)
-        record["eval"] = eval_record(self.cfg, evals, extra)
+        record["eval"] = eval_record(self.cfg, *self.heldout.evaluate(self.bundle))
         if rollout_due(self.cfg, 0):  # every kind of run starts from the same model: the same episodes
             record["rollout"] = closed_loop(self.cfg, self.bundle, None)
         self.finish_round(record, t0, 0.0, time.perf_counter() - t0)
@@ -147,14 +146,12 @@ def run_centralized(
             train_seconds = time.perf_counter() - t0
             record = base.book.train_record(server_round, {"centralized": metrics})
             t_eval = time.perf_counter()
-            mean: dict[str, Any] = {}
             if eval_due(cfg, server_round):
                 record["eval"] = eval_record(cfg, *base.heldout.evaluate(base.bundle))
-                mean = record["eval"]["mean"]
             if rollout_due(cfg, server_round):
                 videos = base.run.path / "videos" / f"round{server_round:03d}" if cfg.eval.rollout_videos else None
                 record["rollout"] = closed_loop(cfg, base.bundle, videos)
-            base.book.checkpoint(server_round, mean, base.bundle)
+            base.book.checkpoint(server_round, record.get("eval", {}), base.bundle)
             base.finish_round(record, t0, train_seconds, time.perf_counter() - t_eval)
         return base.result(t_start)
     except BaseException as e:
@@ -222,7 +219,7 @@ def _judge_local_models(base: _Baseline, names: list[str], weights: list[dict]) 
     models: dict[str, Any] = {}
     for i, name in enumerate(names):
         model.set_trainable(base.bundle.policy, weights[i])
-        evals, extra = base.heldout.evaluate(base.bundle)
+        evals, extra, _ = base.heldout.evaluate(base.bundle, validation=False)  # local models have no best
         models[name] = eval_record(cfg, evals, extra)
     pairs = {f"{m}@{d}": ev for m, v in models.items() for d, ev in v["clients"].items()}
     own = {f"{m}@{m}": models[m]["clients"][m] for m in names}

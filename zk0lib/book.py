@@ -21,6 +21,7 @@ class EvalSection(TypedDict, total=False):
     clients: dict[str, dict[str, Any]]  # per client lab: loss, action_mae with their intervals, episodes
     mean: dict[str, Any]  # the clients' mean (each weighs the same) with its interval
     eval_only: dict[str, dict[str, Any]]  # datasets nobody trains on (runs before this round: "extra")
+    validation: dict[str, Any]  # the clients' validation loss and its mean: what chooses the best round
 
 
 class RoundRecord(TypedDict, total=False):
@@ -42,12 +43,23 @@ class RoundRecord(TypedDict, total=False):
     memory: dict[str, float]
 
 
-def eval_record(cfg: ExperimentConfig, clients: dict[str, Any], eval_only: dict[str, Any]) -> EvalSection:
+def eval_record(
+    cfg: ExperimentConfig,
+    clients: dict[str, Any],
+    eval_only: dict[str, Any],
+    validation: dict[str, Any] | None = None,
+) -> EvalSection:
     """A round record's `eval` section, the same for every kind of run: each client's held-out result, their
-    mean with its interval (each client weighs the same), and the eval-only datasets'."""
+    mean with its interval (each client weighs the same), the eval-only datasets', and the clients'
+    validation loss (each client weighs the same), on which the best round is chosen."""
     out: EvalSection = {"clients": clients, "mean": evaluation.combine_clients(clients, cfg) if clients else {}}
     if eval_only:
         out["eval_only"] = eval_only
+    if validation:
+        out["validation"] = {
+            "clients": {n: {"loss": v["loss"], "episodes": v["episodes"]} for n, v in validation.items()},
+            "loss": float(sum(v["loss"] for v in validation.values()) / len(validation)),
+        }
     return out
 
 
@@ -91,11 +103,20 @@ class RoundBook:
         self.best, self.totals = state["best"], state["totals"]
         self.t_start = time.perf_counter() - state["wall_seconds"]
 
-    def checkpoint(self, server_round: int, mean: dict[str, Any], bundle: model.PolicyBundle) -> None:
+    def checkpoint(self, server_round: int, judged: EvalSection | dict[str, Any], bundle: model.PolicyBundle) -> None:
+        """Save the final round, and the round as `best` when its validation loss is the lowest so far (its
+        test loss where the clients have no validation episodes: `selected_on` says which). `best` holds
+        the round's test results, which did not choose it."""
         if server_round == 0 or not self.cfg.output.save_checkpoints:
             return
-        if "loss" in mean and (self.best is None or mean["loss"] < self.best["loss"]):
-            self.best = {"round": server_round, **mean}
+        mean = judged.get("mean", {})
+        if "validation" in judged:
+            selected_on, score = "validation", judged["validation"]["loss"]
+        else:
+            selected_on, score = "test", mean.get("loss")
+        previous = None if self.best is None else self.best.get("selection_loss", self.best.get("loss"))
+        if score is not None and (previous is None or score < previous):
+            self.best = {"round": server_round, **mean, "selected_on": selected_on, "selection_loss": score}
             model.save_policy(bundle, self.run.checkpoint("best"))
         if server_round == self.cfg.fl.num_rounds:
             model.save_policy(bundle, self.run.checkpoint("final"))

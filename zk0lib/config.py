@@ -60,6 +60,9 @@ class DataConfig:
     clients: list[ClientConfig] = field(default_factory=list)
     eval_only: list[ClientConfig] = field(default_factory=list)  # evaluated by the server, never trained on
     heldout_episodes: int = 2  # per client, kept out of training for evaluation
+    # per client, kept out of training and out of every reported number: only choosing the best round
+    # (checkpoints/best) looks at them, so the held-out (test) episodes judge a choice they did not make
+    val_episodes: int = 1
     split_seed: int = 0  # which episodes are held out
     rename_map: dict[str, str] = field(default_factory=dict)  # dataset camera key -> policy camera key
     video_backend: str | None = None  # None: lerobot's default (torchcodec)
@@ -83,6 +86,7 @@ class DataConfig:
         names = [c.name for c in d.clients]
         p.need(len(set(names)) == len(names), f"data.clients: client names must be unique, got {names}")
         p.need(d.heldout_episodes >= 0, f"data.heldout_episodes must be >= 0 (got {d.heldout_episodes})")
+        p.need(d.val_episodes >= 0, f"data.val_episodes must be >= 0 (got {d.val_episodes})")
         p.need(d.synthetic_episodes >= 1, f"data.synthetic_episodes must be >= 1 (got {d.synthetic_episodes})")
         p.need(d.synthetic_frames >= 2, f"data.synthetic_frames must be >= 2 (got {d.synthetic_frames})")
         p.need(d.synthetic_image_size >= 16, f"data.synthetic_image_size must be >= 16 (got {d.synthetic_image_size})")
@@ -104,21 +108,17 @@ class DataConfig:
             _check_source(c, key, p.need)
             heldout = cfg.heldout_for(c)
             p.need(heldout >= 0, f"{key}.heldout_episodes must be >= 0 (got {heldout})")
+            kept = heldout + max(0, d.val_episodes)
+            what = f"held-out ({heldout}) and validation ({d.val_episodes}) episodes"
             if c.episodes is not None:
                 p.need(c.episodes >= 1, f"{key}.episodes must be >= 1 (got {c.episodes})")
-                p.need(
-                    heldout < c.episodes,
-                    f"{key}: held-out episodes ({heldout}) must be fewer than episodes used ({c.episodes})",
-                )
+                p.need(kept < c.episodes, f"{key}: {what} must be fewer than episodes used ({c.episodes})")
             if c.source == "sim":
-                p.need(
-                    heldout < d.sim_episodes,
-                    f"{key}: held-out episodes ({heldout}) must be fewer than data.sim_episodes ({d.sim_episodes})",
-                )
+                p.need(kept < d.sim_episodes, f"{key}: {what} must be fewer than data.sim_episodes ({d.sim_episodes})")
             if c.source == "synthetic":
                 p.need(
-                    heldout < d.synthetic_episodes,
-                    f"{key}: held-out episodes ({heldout}) must be fewer than data.synthetic_episodes ({d.synthetic_episodes})",
+                    kept < d.synthetic_episodes,
+                    f"{key}: {what} must be fewer than data.synthetic_episodes ({d.synthetic_episodes})",
                 )
         p.need(d.sim_episodes >= 1, f"data.sim_episodes must be >= 1 (got {d.sim_episodes})")
         p.need(d.sim_image_size >= 32, f"data.sim_image_size must be >= 32 (got {d.sim_image_size})")

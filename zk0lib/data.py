@@ -4,7 +4,7 @@ the federation's pooled normalization stats, and a training stream that skips un
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ class ClientData:
     root: Path | None
     meta: Any  # LeRobotDatasetMetadata
     train_episodes: list[int]
-    heldout_episodes: list[int]
+    heldout_episodes: list[int]  # the test episodes every reported number is measured on
+    val_episodes: list[int] = field(default_factory=list)  # only for choosing the best round
 
     @property
     def train_frames(self) -> int:
@@ -55,27 +56,30 @@ def load_metadata(repo_id: str, root: Path | None, key: str = "data.clients.N") 
         ) from e
 
 
-def split_episodes(cfg: ExperimentConfig, client: ClientConfig, total: int) -> tuple[list[int], list[int]]:
-    """Seeded choice of held-out episodes among the first `client.episodes` (stable per client name)."""
+def split_episodes(cfg: ExperimentConfig, client: ClientConfig, total: int) -> tuple[list[int], list[int], list[int]]:
+    """Seeded (train, validation, held-out) episodes among the first `client.episodes`, stable per client
+    name; the held-out ones do not depend on how many validation episodes are asked for."""
     available = total if client.episodes is None else min(client.episodes, total)
-    heldout = cfg.heldout_for(client)
-    if heldout >= available:
+    heldout, val = cfg.heldout_for(client), cfg.data.val_episodes
+    if heldout + val >= available:
         raise ValueError(
-            f"client {client.name!r}: {heldout} held-out episodes leave none to train on "
-            f"({available} episodes available); lower data.heldout_episodes"
+            f"client {client.name!r}: {heldout} held-out and {val} validation episodes leave none to train on "
+            f"({available} episodes available); lower data.heldout_episodes or data.val_episodes"
         )
     rng = np.random.default_rng([cfg.data.split_seed, zlib.crc32(client.name.encode())])
     held = sorted(int(i) for i in rng.choice(available, size=heldout, replace=False))
-    train = [i for i in range(available) if i not in set(held)]
-    return train, held
+    rest = [i for i in range(available) if i not in set(held)]
+    chosen = sorted(int(i) for i in rng.choice(rest, size=val, replace=False)) if val else []
+    train = [i for i in rest if i not in set(chosen)]
+    return train, chosen, held
 
 
 def open_client(cfg: ExperimentConfig, index: int) -> ClientData:
     client = cfg.data.clients[index]
     repo_id, root = dataset_location(cfg, client)
     meta = load_metadata(repo_id, root, f"data.clients.{index}")
-    train, held = split_episodes(cfg, client, meta.total_episodes)
-    return ClientData(index, client.name, repo_id, root, meta, train, held)
+    train, val, held = split_episodes(cfg, client, meta.total_episodes)
+    return ClientData(index, client.name, repo_id, root, meta, train, held, val)
 
 
 def open_eval_only(cfg: ExperimentConfig, index: int) -> ClientData:

@@ -25,9 +25,14 @@ class HeldOutSets:
         `opened`: their ClientData when the caller has opened them already."""
         self.cfg = cfg
         self.clients: dict[str, Any] = {}
+        self.validation: dict[str, Any] = {}  # the clients' validation episodes: only to choose the best round
         if clients:
             for local in opened or [self._open_client(i) for i in range(len(cfg.data.clients))]:
                 self.clients[local.name] = self._open(local, policy_config)
+                if local.val_episodes:
+                    self.validation[local.name] = data.open_dataset(
+                        local, local.val_episodes, policy_config, cfg.data.video_backend
+                    )
         self.extra = {
             spec.name: self._open(data.open_eval_only(cfg, i), policy_config)
             for i, spec in enumerate(cfg.data.eval_only)
@@ -45,11 +50,15 @@ class HeldOutSets:
     def _open(self, local: data.ClientData, policy_config: Any) -> Any:
         return data.open_dataset(local, local.heldout_episodes, policy_config, self.cfg.data.video_backend)
 
-    def evaluate(self, bundle: model.PolicyBundle) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(per-client results, per-eval-only-dataset results) of the bundle's current weights."""
+    def evaluate(
+        self, bundle: model.PolicyBundle, validation: bool = True
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(per-client results, per-eval-only-dataset results, per-client validation loss) of the bundle's
+        current weights; the validation episodes are judged on the loss only (no action sampling)."""
         per_client = {name: evaluate(bundle, ds, self.cfg) for name, ds in self.clients.items()}
         extra = {name: evaluate(bundle, ds, self.cfg) for name, ds in self.extra.items()}
-        return per_client, extra
+        val = {name: evaluate(bundle, ds, self.cfg, actions=False) for name, ds in self.validation.items()}
+        return per_client, extra, val if validation else {}
 
 
 def sim_labs(cfg: ExperimentConfig) -> dict[str, tuple[Any, str]]:
@@ -152,8 +161,9 @@ def _loader(dataset: Any, positions: list[int], batch_size: int, num_workers: in
 
 
 @torch.no_grad()
-def evaluate(bundle: model.PolicyBundle, dataset: Any, cfg: ExperimentConfig) -> dict[str, Any]:
-    """Seeded flow-matching loss and sampled-action error on a client's held-out episodes.
+def evaluate(bundle: model.PolicyBundle, dataset: Any, cfg: ExperimentConfig, actions: bool = True) -> dict[str, Any]:
+    """Seeded flow-matching loss and sampled-action error (unless `actions` is False) on a client's held-out
+    episodes.
 
     Loss: every held-out frame (or `eval.max_frames` evenly spaced ones) with noise and time fixed by
     (eval.seed, frame index). Action error: the mean absolute error, in dataset units, between the
@@ -176,7 +186,10 @@ def evaluate(bundle: model.PolicyBundle, dataset: Any, cfg: ExperimentConfig) ->
             per_sample, _ = policy.forward(bundle.preprocessor(batch), noise=noise, time=times, reduction="none")
             for ep, value in zip(episodes, per_sample.float().cpu().tolist(), strict=True):
                 loss_by_ep.setdefault(ep, []).append(value)
-        for batch in _loader(dataset, frame_subset(n, e.action_frames), e.batch_size, cfg.train.num_workers):
+        action_positions = frame_subset(n, e.action_frames) if actions else []
+        for batch in (
+            _loader(dataset, action_positions, e.batch_size, cfg.train.num_workers) if action_positions else ()
+        ):
             recorded, pad = batch["action"].float().clone(), batch["action_is_pad"]
             keys = batch["index"].tolist()
             noise, _ = _fixed_noise_time(policy, keys, e.seed + 1, bundle.device)

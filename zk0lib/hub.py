@@ -73,7 +73,11 @@ def model_card(run: RunRecord, repo_id: str, checkpoint: str) -> Any:
         f"- Datasets (one client each): {', '.join(datasets)}",
         f"- Evaluation-only datasets: {', '.join(c.name for c in cfg.data.eval_only) or 'none'}",
         f"- Checkpoint: `{checkpoint}`"
-        + (f" (round {best.get('round')}, lowest mean held-out loss)" if checkpoint == "best" else ""),
+        + (
+            f" (round {best.get('round')}, lowest mean {best.get('selected_on', 'test')} loss)"
+            if checkpoint == "best"
+            else ""
+        ),
         "",
         "## Training",
         "",

@@ -346,6 +346,7 @@ def client_summary(cfg: Any) -> pd.DataFrame:
                 "frames": meta.total_frames,
                 "fps": meta.fps,
                 "train_episodes": len(client.train_episodes),
+                "val_episodes": len(client.val_episodes),
                 "heldout_episodes": len(client.heldout_episodes),
                 "tasks": "; ".join(sorted(set(meta.tasks.index))) if meta.tasks is not None else "",
                 "cameras": ", ".join(k.split(".")[-1] for k in meta.camera_keys),

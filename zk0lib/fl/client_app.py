@@ -76,12 +76,15 @@ class _Local:
         self.data = data.open_client(cfg, partition_id)
         self.train_set = None
         self.heldout_set = None
+        self.val_set = None
         self.stream: data.BatchStream | None = None
 
     def datasets(self, policy_config: Any, video_backend: str | None) -> tuple[Any, Any]:
         if self.train_set is None:
             self.train_set = data.open_dataset(self.data, self.data.train_episodes, policy_config, video_backend)
             self.heldout_set = data.open_dataset(self.data, self.data.heldout_episodes, policy_config, video_backend)
+            if self.data.val_episodes:
+                self.val_set = data.open_dataset(self.data, self.data.val_episodes, policy_config, video_backend)
         return self.train_set, self.heldout_set
 
     def train_stream(self, cfg: ExperimentConfig) -> data.BatchStream:
@@ -215,6 +218,9 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     _, heldout = local.datasets(bundle.config, cfg.data.video_backend)
     model.set_trainable(bundle.policy, decode_arrays(msg.content["arrays"]))
     result = evaluation.evaluate(bundle, heldout, cfg)
+    if local.val_set is not None:  # the loss on the validation episodes chooses the best round
+        val = evaluation.evaluate(bundle, local.val_set, cfg, actions=False)
+        result |= {"validation-loss": val["loss"], "validation-episodes": val["episodes"]}
     return Message(RecordDict({"metrics": MetricRecord(eval_to_metrics(result, partition_id))}), reply_to=msg)
 
 

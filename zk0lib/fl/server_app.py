@@ -51,6 +51,7 @@ class RoundData:
     train_nodes: list[int] = field(default_factory=list)
     train: dict[str, dict[str, Any]] = field(default_factory=dict)  # client name -> its training metrics
     client_evals: dict[str, dict[str, Any]] = field(default_factory=dict)
+    client_vals: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.where=clients: validation loss
     failures: list[dict[str, Any]] = field(default_factory=list)
     bytes_sent: dict[str, int] = field(default_factory=dict)  # phase -> bytes
     bytes_received: int = 0
@@ -190,7 +191,13 @@ class FederatedServer:
                     }
                 )
             else:
-                rd.client_evals[name] = eval_from_metrics(dict(reply.content["metrics"]))
+                result = eval_from_metrics(dict(reply.content["metrics"]))
+                if "validation-loss" in result:
+                    rd.client_vals[name] = {
+                        "loss": result.pop("validation-loss"),
+                        "episodes": result.pop("validation-episodes"),
+                    }
+                rd.client_evals[name] = result
         ok = [r for r in replies if not r.has_error()]
         if ok:
             strategy.aggregate_evaluate(rd.server_round, ok)
@@ -252,12 +259,13 @@ class FederatedServer:
         model.set_trainable(self.bundle.policy, decode_arrays(arrays))
         evals: dict[str, Any] = {}
         extra: dict[str, Any] = {}
+        val: dict[str, Any] = {}
         if eval_due(cfg, server_round):
-            evals, extra = self.heldout.evaluate(self.bundle)
+            evals, extra, val = self.heldout.evaluate(self.bundle)
             if cfg.eval.where == "clients":
-                evals = rd.client_evals
+                evals, val = rd.client_evals, rd.client_vals
         eval_seconds = time.perf_counter() - t_eval
-        judged = eval_record(cfg, evals, extra)
+        judged = eval_record(cfg, evals, extra, val)
         record = book.train_record(server_round, rd.train) if server_round > 0 else book.start_record(0)
         if server_round > 0:
             record |= {
@@ -277,7 +285,7 @@ class FederatedServer:
             record["rollout"] = closed_loop(cfg, self.bundle, videos)
         rollout_seconds = time.perf_counter() - t_rollout
         t_ckpt = time.perf_counter()
-        book.checkpoint(server_round, judged["mean"], self.bundle)
+        book.checkpoint(server_round, judged, self.bundle)
         record["seconds"] = {
             "round": time.perf_counter() - rd.t0,
             "train": rd.train_seconds,

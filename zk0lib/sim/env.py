@@ -177,9 +177,7 @@ NOISE_CORRELATION = 0.7  # of the execution offset from one 10 Hz decision to th
 NOISE_FADE_DISTANCE = 0.05  # metres: the offset fades out as the gripper nears its phase target
 
 
-def run_expert_episode(
-    env: LabEnv, seed: int, max_decisions: int = 120, render: bool = True, noise_deg: float = 0.0
-):
+def run_expert_episode(env: LabEnv, seed: int, max_decisions: int = 120, render: bool = True, noise_deg: float = 0.0):
     """One scripted-expert episode, as (state, action, camera images) per 30 fps frame.
 
     The episode ends at success, when the cube leaves the workspace, or after `max_decisions`;
