@@ -207,3 +207,52 @@ def test_wandb_round_metrics_are_client_prefixed():
     assert flat["eval/mean/loss"] == 0.5 and flat["comms/bytes_sent"] == 10 and "eval/a/loss_ci" not in flat
     record["eval"]["eval_only"] = record["eval"].pop("extra")  # today's name; `extra` is what older runs wrote
     assert flatten_round(record) == flat
+
+
+def test_eight_clients_on_two_actors_keep_one_stream_each(zk0_cli, home):
+    """Issue 14 item 7: a Ray actor serves many clients in turn; it must not keep every client's data
+    loader (worker processes, prefetched batches) alive. Eight clients on two actors, four rounds: each
+    actor has at most one client's loader workers at any time and its memory stays flat across rounds."""
+    clients = [
+        {"name": f"many-{i}", "repo_id": f"zk0/synthetic-many-{i}", "source": "synthetic", "variant": i % 3}
+        for i in range(8)
+    ]
+    out = zk0_cli(
+        "train",
+        "--preset",
+        "smoke",
+        "--run-id",
+        "e2e-eight-on-two",
+        "--set",
+        f"data.clients={json.dumps(clients)}",
+        "--set",
+        "fl.num_rounds=4",
+        "--set",
+        "fl.client_num_cpus=1",
+        "--set",
+        "train.local_steps=2",
+        "--set",
+        "train.num_workers=2",
+        "--set",
+        "eval.every=4",
+        "--set",
+        "eval.max_frames=8",
+        "--set",
+        "eval.action_frames=2",
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = RunRecord(home / "reports" / "runs" / "e2e-eight-on-two")
+    rounds = run.rounds()[1:]
+    by_pid: dict[int, list[tuple[int, dict]]] = {}
+    for r in rounds:
+        assert len(r["train"]["clients"]) == 8
+        for m in r["train"]["clients"].values():
+            by_pid.setdefault(m["pid"], []).append((r["round"], m))
+    assert len(by_pid) == 2  # two actors served the eight clients
+    for served in by_pid.values():
+        assert len({m["partition-id"] for _, m in served}) >= 3  # each actor served several clients
+        # one live stream: its loader's 2 workers (+ at most one just closing), never one per client served
+        assert max(m["child_processes"] for _, m in served) <= 3
+        early = max(m["rss_with_children_mib"] for rnd, m in served if rnd <= 2)
+        late = max(m["rss_with_children_mib"] for rnd, m in served if rnd > 2)
+        assert late <= early * 1.1 + 64, (early, late)

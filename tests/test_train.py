@@ -258,3 +258,34 @@ def test_best_round_is_chosen_on_validation_not_on_the_reported_test_loss(tmp_pa
     book.checkpoint(3, no_val, fresh_bundle)  # without validation episodes the test loss chooses
     assert book.best["round"] == 3 and book.best["selected_on"] == "test"
     assert (tmp_path / "runs" / "best-choice" / "checkpoints" / "best" / "model.safetensors").exists()
+
+
+class _DecoderCacheSize(torch.utils.data.Dataset):
+    """Decodes one frame of `dataset`, then says how many video decoders the process had open before."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> int:
+        from lerobot.datasets import video_utils
+
+        before = video_utils._default_decoder_cache.size()
+        self.dataset[i]
+        return before
+
+
+def test_loader_workers_do_not_share_the_parents_open_video_files(train_set):
+    """Forked workers that read through the parent's cached decoders share its file offsets: random
+    'Could not push packet to decoder' errors. Each worker starts with a decoder cache of its own."""
+    from lerobot.datasets import video_utils
+
+    train_set[0]  # the parent decodes: its cache now holds the dataset's open video files
+    assert video_utils._default_decoder_cache.size() >= 1
+    probe = _DecoderCacheSize(train_set)
+    loader = torch.utils.data.DataLoader(probe, batch_size=1, num_workers=1, worker_init_fn=data._one_thread_worker)
+    seen = [int(b) for b in loader]
+    assert seen[0] == 0  # the worker's first read found no inherited decoder
+    assert seen[1] >= 1  # and its own cache serves the next one

@@ -88,7 +88,7 @@ class RoundBook:
     def train_record(server_round: int, clients: dict[str, dict[str, Any]]) -> RoundRecord:
         """The round's record head: per-client training metrics and their sample-weighted aggregate."""
         samples = sum(m.get("samples", 0) for m in clients.values()) or 1
-        keys = sorted({k for m in clients.values() for k in m if k != "partition-id"})
+        keys = sorted({k for m in clients.values() for k in m if k not in ("partition-id", "pid")})
         aggregate = {k: sum(m[k] * m.get("samples", 0) for m in clients.values() if k in m) / samples for k in keys}
         record = RoundBook.start_record(server_round)
         record["train"] = {"clients": clients, "aggregate": aggregate}

@@ -139,7 +139,14 @@ def collate_or_skip(items: list[dict]) -> dict:
 
 
 def _one_thread_worker(_: int) -> None:
+    """A data-loader worker: one torch thread, and a video decoder cache of its own. The cache a forked
+    worker inherits holds the parent's open video files; parent and workers then share each file's read
+    offset, and concurrent reads corrupt one another's packets (torchcodec: "Could not push packet to
+    decoder: Invalid data found when processing input", at random batches)."""
+    from lerobot.datasets import video_utils
+
     torch.set_num_threads(1)
+    video_utils._default_decoder_cache = video_utils.VideoDecoderCache()
 
 
 class _SeededPermutation(torch.utils.data.Sampler):

@@ -203,8 +203,7 @@ def client_train(msg: Message, context: Context) -> Message:
         "serialize_seconds": (t_train - t_decode) + (now - t_encode),
         "handler_seconds": now - t0,
         "torch_threads": torch.get_num_threads(),
-        "rss_mib": psutil.Process().memory_info().rss / 2**20,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **_memory(),
     }
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
@@ -222,6 +221,27 @@ def client_evaluate(msg: Message, context: Context) -> Message:
         val = evaluation.evaluate(bundle, local.val_set, cfg, actions=False)
         result |= {"validation-loss": val["loss"], "validation-episodes": val["episodes"]}
     return Message(RecordDict({"metrics": MetricRecord(eval_to_metrics(result, partition_id))}), reply_to=msg)
+
+
+def _memory() -> dict[str, float]:
+    """This process's memory and its children's (data-loader workers): what one actor holds, however many
+    clients it has served."""
+    me = psutil.Process()
+    children = me.children(recursive=True)
+    child_rss = 0
+    for c in children:
+        try:
+            child_rss += c.memory_info().rss
+        except psutil.NoSuchProcess:  # a worker that ended while we looked
+            pass
+    rss = me.memory_info().rss
+    return {
+        "pid": me.pid,
+        "rss_mib": rss / 2**20,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "child_processes": len(children),
+        "rss_with_children_mib": (rss + child_rss) / 2**20,
+    }
 
 
 def eval_to_metrics(result: dict[str, Any], partition_id: int) -> dict[str, Any]:
