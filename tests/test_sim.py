@@ -173,6 +173,7 @@ def test_the_real_path_shape_on_labs_from_the_base_with_closed_loop_before_and_a
     result = json.loads((home / "reports" / "bench" / "comms.json").read_text())
     assert result["run"]["matches"] and result["run"]["upload_bytes_per_client_round"] == [trainable * 2]
     assert result["smolvla_base"]["trainable_bf16_share_of_full"] <= 0.12
+    assert result["smolvla_base_lora_r16"]["trainable_fp32_share_of_full"] <= 0.01  # LoRA: <= 1% at the default r
     assert "-> match" in bench.stdout
 
 

@@ -64,10 +64,15 @@ def measured_bytes(run: RunRecord) -> dict[str, Any]:
     }
 
 
+LORA_RANKS = (8, 16, 32)
+
+
 def bench_comms(run_dir: str | Path | None = None, runs_dir: Path | None = None) -> dict[str, Any]:
     """smolvla_base and tiny payloads; with a run (given, or the latest completed federated one), its
     recorded bytes next to what its model's trainable parameters should weigh in its transport dtype."""
     result: dict[str, Any] = {"smolvla_base": model.smolvla_base_sizes()}
+    for r in LORA_RANKS:  # adapters instead of the expert: model.peft.method=lora
+        result[f"smolvla_base_lora_r{r}"] = model.smolvla_base_sizes(lora_r=r)
     run = RunRecord(run_dir) if run_dir else latest_federated_run(runs_dir or load_config("smoke").runs_dir)
     if run is None:
         result["run"] = None
@@ -87,14 +92,16 @@ def bench_comms(run_dir: str | Path | None = None, runs_dir: Path | None = None)
 def comms_markdown(result: dict[str, Any]) -> str:
     rows = ["| model | parameters (trainable) | full fp32 state dict | trainable fp32 | trainable bf16 | bf16 / full |"]
     rows.append("|---|---|---|---|---|---|")
-    for name, key in (("smolvla_base", "smolvla_base"), ("run's model", "run_model")):
+    named = [("smolvla_base", "smolvla_base")]
+    named += [(f"smolvla_base + LoRA r={r}", f"smolvla_base_lora_r{r}") for r in LORA_RANKS]
+    for name, key in (*named, ("run's model", "run_model")):
         if key not in result:
             continue
         r = result[key]
         p, m = r["parameters"], r["mib_per_round"]
         rows.append(
             f"| {name} | {p['total'] / 1e6:.1f}M ({p['trainable'] / 1e6:.2f}M) | {m['full_state_dict_fp32']:.2f} MiB "
-            f"| {m['trainable_fp32']:.2f} MiB | {m['trainable_bf16']:.2f} MiB | {r['trainable_bf16_share_of_full']:.1%} |"
+            f"| {m['trainable_fp32']:.2f} MiB | {m['trainable_bf16']:.2f} MiB | {r['trainable_bf16_share_of_full']:.2%} |"
         )
     run = result.get("run")
     if run:

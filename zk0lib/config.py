@@ -130,6 +130,22 @@ class DataConfig:
 
 
 @dataclass
+class PeftSettings:
+    """Parameter-efficient fine-tuning through lerobot's `wrap_with_peft` and the `peft` package: only the
+    adapters (and any full-training modules) train, travel and aggregate; the pretrained weights stay."""
+
+    method: str = "none"  # none: fine-tune the trainable modules themselves; lora: LoRA adapters on them
+    r: int = 16  # adapter rank
+    alpha: int | None = None  # LoRA scaling alpha/r; None: peft's default (8)
+    target_modules: str | None = (
+        None  # a regex or module-name suffix; None: SmolVLA's default (expert q/v + projections)
+    )
+    full_training_modules: list[str] = field(
+        default_factory=list
+    )  # trained whole beside the adapters (peft's modules_to_save)
+
+
+@dataclass
 class ModelConfig:
     pretrained: str = TINY  # "tiny" (random weights), "base" (the shipped tiny base), a Hub id or a policy folder
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -140,6 +156,7 @@ class ModelConfig:
     train_expert_only: bool = True
     train_state_proj: bool = True
     init_seed: int = 0  # random init of the tiny model (identical in every process)
+    peft: PeftSettings = field(default_factory=PeftSettings)
 
     def problems(self, cfg: ExperimentConfig) -> list[str]:
         """What is wrong with the model section."""
@@ -156,6 +173,15 @@ class ModelConfig:
             f"model.n_action_steps must be in [1, chunk_size={m.chunk_size}] (got {m.n_action_steps})",
         )
         p.need(m.num_denoise_steps >= 1, f"model.num_denoise_steps must be >= 1 (got {m.num_denoise_steps})")
+        p.need(m.peft.method in ("none", "lora"), f"model.peft.method: none or lora, got {m.peft.method!r}")
+        if m.peft.method != "none":
+            p.need(m.peft.r >= 1, f"model.peft.r must be >= 1 (got {m.peft.r})")
+            p.need(m.peft.alpha is None or m.peft.alpha >= 1, f"model.peft.alpha must be >= 1 (got {m.peft.alpha})")
+            p.need(
+                m.pretrained != TINY,
+                "model.peft.method=lora adapts a pretrained policy: set model.pretrained to base (the shipped tiny "
+                "base), a Hub id such as lerobot/smolvla_base, or a policy folder, not 'tiny' (random weights)",
+            )
         return p
 
 

@@ -9,6 +9,7 @@ that cache entry exists (`zk0lib.model.ensure_tiny_vlm()` recreates it bit for b
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import shutil
@@ -23,6 +24,7 @@ import torch
 from zk0lib.config import TINY, ExperimentConfig, resolve_pretrained
 
 TINY_VLM_REPO = "zk0/tiny-smolvlm2"
+ADAPTER_DIR = "adapter"  # a LoRA checkpoint's adapter, in PEFT's format, inside its policy folder
 TINY_IMAGE_SIZE = 128
 SMOLVLM2_500M = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 _SPECIAL_TOKENS = {
@@ -316,6 +318,8 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
         if "offline" in str(e).lower() or "not found" in str(e).lower() or "connect" in str(e).lower():
             raise ModelNotAvailableError(_missing_model_message(cfg.model.pretrained, e)) from e
         raise
+    if cfg.model.peft.method == "lora":
+        policy = wrap_with_lora(policy, cfg.model.peft, cfg.model.init_seed)
     norm_features = {**pc.input_features, **pc.output_features}
     if cfg.model.pretrained == TINY:
         pre, post = make_pre_post_processors(pc, dataset_stats=stats)
@@ -358,6 +362,45 @@ def _check_cameras(pc: Any, features: dict, cfg: ExperimentConfig) -> None:
             "the policy's with data.rename_map, e.g. "
             '--set \'data.rename_map={"observation.images.top": "observation.images.camera1"}\''
         )
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def wrap_with_lora(policy: Any, s: Any, seed: int = 0) -> Any:
+    """The policy with LoRA adapters (lerobot's `wrap_with_peft`) as `s` (model.peft) says: every
+    pretrained weight frozen, the adapters (and full_training_modules) trainable. Seeded (model.init_seed),
+    so the server and every client start from the same adapters."""
+    overrides = {
+        "method_type": "lora",
+        "r": s.r,
+        "lora_alpha": s.alpha,
+        "target_modules": s.target_modules,
+        "full_training_modules": list(s.full_training_modules) or None,
+    }
+    # lerobot warns of training "from scratch" when load_vlm_weights is off; a policy folder brings its VLM
+    # weights with it, so the flag is raised while wrapping only.
+    load_vlm = policy.config.load_vlm_weights
+    policy.config.load_vlm_weights = True
+    torch.manual_seed(seed)
+    try:
+        return policy.wrap_with_peft(peft_cli_overrides=overrides)
+    finally:
+        policy.config.load_vlm_weights = load_vlm
+
+
+def is_peft(policy: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(policy, PeftModel)
+
+
+def merged_policy(policy: Any) -> Any:
+    """A plain lerobot policy with the adapters merged into the pretrained weights (the PEFT model itself
+    is left as it is)."""
+    merged = copy.deepcopy(policy).merge_and_unload()
+    merged.config.use_peft = False
+    return merged
 
 
 # ----------------------------------------------------------------------------- trainable weights
@@ -407,11 +450,17 @@ def parameter_counts(policy: torch.nn.Module) -> dict[str, int]:
 
 
 def save_policy(bundle: PolicyBundle, path: Path) -> None:
-    """A lerobot policy folder (config, weights, processors), written to a temp folder then renamed."""
+    """A lerobot policy folder (config, weights, processors), written to a temp folder then renamed. A LoRA
+    policy is saved merged (what `SmolVLAPolicy.from_pretrained` loads) with its adapter in PEFT's format
+    under `adapter/` (adapter_config.json names the pretrained policy it adapts)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    bundle.policy.save_pretrained(tmp)
+    if is_peft(bundle.policy):
+        merged_policy(bundle.policy).save_pretrained(tmp)
+        bundle.policy.save_pretrained(tmp / ADAPTER_DIR)
+    else:
+        bundle.policy.save_pretrained(tmp)
     bundle.preprocessor.save_pretrained(tmp)
     bundle.postprocessor.save_pretrained(tmp)
     old = path.with_name(f".{path.name}.old")
@@ -477,6 +526,20 @@ def payload_sizes(policy: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def smolvla_base_sizes() -> dict[str, Any]:
-    """Parameters and bytes per client per round of `lerobot/smolvla_base`, built on the meta device."""
-    return payload_sizes(smolvla_base_policy("meta"))
+def smolvla_base_sizes(lora_r: int | None = None) -> dict[str, Any]:
+    """Parameters and bytes per client per round of `lerobot/smolvla_base`, built on the meta device;
+    with `lora_r`, of LoRA adapters of that rank on SmolVLA's default targets (the share is then of the
+    pretrained policy's own fp32 state dict)."""
+    from zk0lib.config import PeftSettings
+
+    policy = smolvla_base_policy("meta")
+    if not lora_r:
+        return payload_sizes(policy)
+    full = sum(t.numel() * 4 for t in policy.state_dict().values())
+    policy.config.pretrained_path = "lerobot/smolvla_base"  # what the adapters adapt; nothing is loaded
+    sizes = payload_sizes(wrap_with_lora(policy, PeftSettings(method="lora", r=lora_r)))
+    sizes["bytes_per_round"]["full_state_dict_fp32"] = full
+    sizes["mib_per_round"]["full_state_dict_fp32"] = round(full / 2**20, 3)
+    sizes["trainable_bf16_share_of_full"] = round(sizes["bytes_per_round"]["trainable_bf16"] / full, 5)
+    sizes["trainable_fp32_share_of_full"] = round(sizes["bytes_per_round"]["trainable_fp32"] / full, 5)
+    return sizes

@@ -1,0 +1,130 @@
+"""Federated LoRA (model.peft.method=lora): real PEFT adapters on the shipped tiny base, real Flower runs."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from zk0lib import data, model, train
+from zk0lib.config import ConfigError, load_config
+from zk0lib.runs import RunRecord
+
+LORA = {"model.pretrained": "base", "model.peft.method": "lora", "model.peft.r": "4"}
+
+
+@pytest.fixture(scope="module")
+def lora_cfg():
+    return load_config("smoke", LORA)
+
+
+@pytest.fixture
+def lora_bundle(lora_cfg, clients, stats):
+    return model.build_policy(lora_cfg, clients[0].meta, stats)
+
+
+def _adapted_linears(policy) -> list[torch.nn.Module]:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in policy.modules() if isinstance(m, LoraLayer)]
+
+
+def test_only_adapters_train_and_their_size_is_the_lora_arithmetic(lora_bundle):
+    names = [n for n, _ in model.trainable_parameters(lora_bundle.policy)]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    layers = _adapted_linears(lora_bundle.policy)
+    expected = sum(4 * (m.in_features + m.out_features) for m in layers)  # r x (in + out) per adapted Linear
+    assert model.parameter_counts(lora_bundle.policy)["trainable"] == expected
+    targets = {n.split(".base_model.model.")[-1] for n, m in lora_bundle.policy.named_modules() if m in layers}
+    assert any("lm_expert" in t and t.endswith("q_proj") for t in targets)  # SmolVLA's default targets
+    assert not any("vision" in t or "text_model" in t for t in targets)  # the VLM is not adapted by default
+
+
+def test_a_round_moves_the_adapters_and_nothing_else(lora_bundle, lora_cfg, train_set):
+    policy = lora_bundle.policy
+    before_frozen = model.frozen_fingerprint(policy)
+    before = model.get_trainable(policy)
+    stream = data.batch_stream(train_set, lora_cfg.train.batch_size, 0, 0)
+    optimizer, scheduler = train.make_optimizer(policy, 3, 0)
+    train.train_steps(lora_bundle, stream, optimizer, scheduler, 3, lora_cfg)
+    after = model.get_trainable(policy)
+    assert model.frozen_fingerprint(policy) == before_frozen  # the pretrained weights stayed
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_merged_checkpoint_reloads_in_a_fresh_process_with_the_same_actions(lora_bundle, tmp_path, train_set):
+    with torch.no_grad():  # make the adapters non-trivial (lora_B starts at zero)
+        for _, p in model.trainable_parameters(lora_bundle.policy):
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path / "final"
+    model.save_policy(lora_bundle, folder)
+    adapter = json.loads((folder / model.ADAPTER_DIR / "adapter_config.json").read_text())
+    assert adapter["peft_type"] == "LORA" and adapter["r"] == 4
+    assert json.loads((folder / "config.json").read_text())["use_peft"] is False  # a plain lerobot policy
+
+    batch = lora_bundle.preprocessor(next(iter(torch.utils.data.DataLoader(train_set, batch_size=2))))
+    noise = torch.randn(2, lora_bundle.policy.config.chunk_size, lora_bundle.policy.config.max_action_dim)
+    torch.save({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)} | {"noise": noise}, tmp_path / "in.pt")
+    lora_bundle.policy.eval()
+    with torch.no_grad():
+        ours = lora_bundle.policy.predict_action_chunk(batch, noise=noise)
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy\n"
+        "from zk0lib import model\n"
+        "model._install_tiny_vlm_if_named(Path(sys.argv[1]))\n"
+        "policy = SmolVLAPolicy.from_pretrained(sys.argv[1]).eval()\n"
+        "batch = torch.load(sys.argv[2])\n"
+        "noise = batch.pop('noise')\n"
+        "with torch.no_grad():\n"
+        "    torch.save(policy.predict_action_chunk(batch, noise=noise), sys.argv[3])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt")
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_needs_a_pretrained_policy():
+    with pytest.raises(ConfigError, match="model.peft.method=lora adapts a pretrained policy"):
+        load_config("smoke", {"model.peft.method": "lora"})
+    with pytest.raises(ConfigError, match="model.peft.method: none or lora"):
+        load_config("smoke", {"model.peft.method": "dora"})
+
+
+def test_federated_lora_exchanges_only_adapters(zk0_cli, home, clients, stats):
+    """Two rounds of real Flower with LoRA, FedAdam's server step and bf16 deltas: what travelled, what
+    was saved."""
+    args = [f"--set={k}={v}" for k, v in LORA.items()]
+    extra = ["--set=fl.transport_dtype=bfloat16", "--set=fl.strategy=fedadam"]
+    out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-lora", *args, *extra)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run = RunRecord(home / "reports" / "runs" / "e2e-lora")
+    summary = run.summary()
+    cfg = run.config()
+    rebuilt = model.build_policy(cfg, clients[0].meta, stats)
+    adapters = model.parameter_counts(rebuilt.policy)["trainable"]
+    assert summary["parameters"]["trainable"] == adapters
+    for r in run.rounds()[1:]:
+        assert r["bytes_received"] == 2 * adapters * 2  # two clients, bf16 deltas of the adapters only
+        assert r["bytes_sent"] == 2 * adapters * 2
+    final = run.path / "checkpoints" / "final"
+    reloaded = model.load_policy(final)
+    plain = copy.deepcopy(cfg)
+    plain.model.peft.method = "none"
+    base = model.build_policy(plain, clients[0].meta, stats)  # the pretrained base, no adapters
+    from peft import PeftModel
+
+    adapted = PeftModel.from_pretrained(base.policy, str(final / model.ADAPTER_DIR))
+    merged = adapted.merge_and_unload().state_dict()
+    for k, v in reloaded.policy.state_dict().items():  # saved merged = pretrained base + the saved adapter
+        np.testing.assert_allclose(v.numpy(), merged[k].numpy(), rtol=1e-6, atol=1e-6)
