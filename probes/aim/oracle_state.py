@@ -29,6 +29,13 @@ def start_positions(env: LabEnv, seed: int) -> np.ndarray:
     return np.asarray([*env._data.sensor("block_pos").data[:2], *env._goal_pos[:2]], dtype=np.float32)
 
 
+def with_extra(state: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """The state (B, 6) or (B, steps, 6) with the extra numbers after its joints."""
+    if state.dim() == 3:
+        extra = extra[:, None].expand(-1, state.shape[1], -1)
+    return torch.cat([state, extra.to(state.dtype)], dim=-1)
+
+
 class OraclePolicy:
     """The policy, its preprocessed state extended with the live episode's start positions."""
 
@@ -53,7 +60,7 @@ class OraclePolicy:
 
     def select_action(self, batch):
         batch = dict(batch)
-        batch["observation.state"] = torch.cat([batch["observation.state"], self.extra * self.use], dim=1)
+        batch["observation.state"] = with_extra(batch["observation.state"], self.extra * self.use)
         return self.policy.select_action(batch)
 
 
@@ -106,7 +113,7 @@ def main():
         raw = next(stream)
         pos = torch.stack([table[int(lab)][int(ep)] for lab, ep in zip(raw["lab"], raw["episode_index"], strict=True)])
         batch = bundle.preprocessor({k: v for k, v in raw.items() if k != "lab"})
-        batch["observation.state"] = torch.cat([batch["observation.state"], extra_of(pos) * use], dim=1)
+        batch["observation.state"] = with_extra(batch["observation.state"], extra_of(pos) * use)
         loss, _ = policy.forward(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
