@@ -4,6 +4,7 @@ import copy
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,10 @@ from zk0lib.config import ConfigError, load_config
 from zk0lib.runs import RunRecord
 
 LORA = {"model.pretrained": "base", "model.peft.method": "lora", "model.peft.r": "4"}
+LORA_RUN = [f"--set={k}={v}" for k, v in LORA.items()] + [
+    "--set=fl.transport_dtype=bfloat16",
+    "--set=fl.strategy=fedadam",
+]
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +109,7 @@ def test_lora_needs_a_pretrained_policy():
 def test_federated_lora_exchanges_only_adapters(zk0_cli, home, clients, stats):
     """Two rounds of real Flower with LoRA, FedAdam's server step and bf16 deltas: what travelled, what
     was saved."""
-    args = [f"--set={k}={v}" for k, v in LORA.items()]
-    extra = ["--set=fl.transport_dtype=bfloat16", "--set=fl.strategy=fedadam"]
-    out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-lora", *args, *extra)
+    out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-lora", *LORA_RUN)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run = RunRecord(home / "reports" / "runs" / "e2e-lora")
     summary = run.summary()
@@ -128,3 +131,33 @@ def test_federated_lora_exchanges_only_adapters(zk0_cli, home, clients, stats):
     merged = adapted.merge_and_unload().state_dict()
     for k, v in reloaded.policy.state_dict().items():  # saved merged = pretrained base + the saved adapter
         np.testing.assert_allclose(v.numpy(), merged[k].numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_a_killed_lora_run_resumes_to_the_uninterrupted_result(zk0_cli, home):
+    """kill -9 after round 1 of the LoRA + FedAdam run, then --resume: the adapters and FedAdam's moments
+    come back from the resume state, and the run ends where the uninterrupted one did."""
+    from test_faults import _kill_tree  # tests/ is on sys.path
+
+    reference = RunRecord(home / "reports" / "runs" / "e2e-lora")
+    if not (reference.path / "summary.json").exists():
+        assert zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-lora", *LORA_RUN).returncode == 0
+    run = RunRecord(home / "reports" / "runs" / "killed-lora")
+    t0 = time.time()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zk0lib.cli", "train", "--preset", "smoke", "--run-id", "killed-lora", *LORA_RUN],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state = run.checkpoint("resume") / "state.json"
+    while not (state.exists() and json.loads(state.read_text())["round"] == 1):
+        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before round 1 was checkpointed"
+        time.sleep(0.2)
+    _kill_tree(proc.pid)
+    proc.wait()
+    out = zk0_cli("train", "--resume", str(run.path))
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert [r["round"] for r in run.rounds()] == [0, 1, 2]
+    summary, ref = run.summary(), reference.summary()
+    assert summary["status"] == "completed" and summary["resumed"][0]["after_round"] == 1
+    assert summary["final"]["loss"] == pytest.approx(ref["final"]["loss"], abs=1e-6)
+    assert summary["final"]["action_mae"] == pytest.approx(ref["final"]["action_mae"], abs=1e-6)
