@@ -182,3 +182,36 @@ def test_recorded_lab_validates_clean(recording):
 
     report = validate_dataset(recording.root, decode="full", chunk_size=10)
     assert report.findings == [], report.table()
+
+
+def test_execution_noise_takes_the_arm_off_the_expert_path_and_the_labels_bring_it_back(cache, tmp_path):
+    from zk0lib.sim.env import LabEnv, run_expert_episode
+    from zk0lib.sim.labs import get_lab
+    from zk0lib.sim.record import dataset_root, episode_seed
+
+    lab = get_lab("lab-red")
+    env = LabEnv(lab, IMAGE, cache)
+    try:
+        for k in range(2):
+            seed = episode_seed(lab, 0, k)
+            clean = list(run_expert_episode(env, seed, render=False))
+            noisy = list(run_expert_episode(env, seed, render=False, noise_deg=5.0))
+            assert env.stage == 4  # the expert still places the cube
+            assert len(noisy) > len(clean)  # corrections take time
+            n = min(len(clean), len(noisy))
+            off_path = np.abs(np.stack([f[0] for f in noisy[:n]]) - np.stack([f[0] for f in clean[:n]]))[:, :4]
+            assert off_path.max() > 2.0  # degrees: the executed arm left the clean path
+            lag = np.abs(np.stack([f[0] for f in noisy[3:]])[:, 0] - np.stack([f[1] for f in noisy[:-3]])[:, 0])
+            assert lag.mean() > 0.6  # the recorded target is not what the arm did (noise-free: ~0.55)
+    finally:
+        env.close()
+    # recordings with noise get their own cache entry; noise-free keys are unchanged by the option
+    assert dataset_root(cache, lab, 20, 128, 0, 5.0) != dataset_root(cache, lab, 20, 128, 0)
+    assert dataset_root(cache, lab, 20, 128, 0, 0.0) == dataset_root(cache, lab, 20, 128, 0)
+    fake = tmp_path / "noisy"
+    fake.mkdir()
+    (fake / RECORD_INFO).write_text(json.dumps({"noise_deg": 5.0, "episode_seeds": [1]}))
+    with pytest.raises(ValueError, match="cannot reproduce the episodes"):
+        replay_success("lab-red", fake, image_size=IMAGE, cache_dir=cache)
+    with pytest.raises(ValueError, match="noise_deg must be >= 0"):
+        record_lab("lab-red", 1, cache, IMAGE, noise_deg=-1.0)
