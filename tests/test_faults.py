@@ -104,13 +104,13 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def test_kill_9_then_resume_gives_the_uninterrupted_result(home, smoke_run, zk0_cli):
-    uninterrupted = RunRecord(home / "reports" / "runs" / "e2e-smoke")
-    assert smoke_run[0].returncode == 0
-    run = RunRecord(home / "reports" / "runs" / "killed")
+def kill_after_round_1(home, run_id: str, *args: str) -> RunRecord:
+    """`zk0 train --preset smoke --run-id RUN_ID ARGS` killed with SIGKILL (zk0, SuperLink, simulation,
+    Ray) once round 1's resume state is written, i.e. in round 2."""
+    run = RunRecord(home / "reports" / "runs" / run_id)
     t0 = time.time()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "zk0lib.cli", "train", "--preset", "smoke", "--run-id", "killed"],
+        [sys.executable, "-m", "zk0lib.cli", "train", "--preset", "smoke", "--run-id", run_id, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -118,8 +118,16 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(home, smoke_run, zk0_
     while not (state.exists() and json.loads(state.read_text())["round"] == 1):
         assert proc.poll() is None and time.time() - t0 < 300, "the run ended before round 1 was checkpointed"
         time.sleep(0.2)
-    _kill_tree(proc.pid)  # the machine dies in round 2: zk0, SuperLink, simulation, Ray
+    _kill_tree(proc.pid)
     proc.wait()
+    return run
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_result(home, smoke_run, zk0_cli):
+    uninterrupted = RunRecord(home / "reports" / "runs" / "e2e-smoke")
+    assert smoke_run[0].returncode == 0
+    t0 = time.time()
+    run = kill_after_round_1(home, "killed")
     time.sleep(1)
     assert run.summary()["status"] == "running"
 

@@ -4,7 +4,6 @@ import copy
 import json
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -136,24 +135,12 @@ def test_federated_lora_exchanges_only_adapters(zk0_cli, home, clients, stats):
 def test_a_killed_lora_run_resumes_to_the_uninterrupted_result(zk0_cli, home):
     """kill -9 after round 1 of the LoRA + FedAdam run, then --resume: the adapters and FedAdam's moments
     come back from the resume state, and the run ends where the uninterrupted one did."""
-    from test_faults import _kill_tree  # tests/ is on sys.path
+    from test_faults import kill_after_round_1  # tests/ is on sys.path
 
     reference = RunRecord(home / "reports" / "runs" / "e2e-lora")
     if not (reference.path / "summary.json").exists():
         assert zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-lora", *LORA_RUN).returncode == 0
-    run = RunRecord(home / "reports" / "runs" / "killed-lora")
-    t0 = time.time()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "zk0lib.cli", "train", "--preset", "smoke", "--run-id", "killed-lora", *LORA_RUN],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    state = run.checkpoint("resume") / "state.json"
-    while not (state.exists() and json.loads(state.read_text())["round"] == 1):
-        assert proc.poll() is None and time.time() - t0 < 300, "the run ended before round 1 was checkpointed"
-        time.sleep(0.2)
-    _kill_tree(proc.pid)
-    proc.wait()
+    run = kill_after_round_1(home, "killed-lora", *LORA_RUN)
     out = zk0_cli("train", "--resume", str(run.path))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert [r["round"] for r in run.rounds()] == [0, 1, 2]

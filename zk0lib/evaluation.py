@@ -30,9 +30,7 @@ class HeldOutSets:
             for local in opened or [self._open_client(i) for i in range(len(cfg.data.clients))]:
                 self.clients[local.name] = self._open(local, policy_config)
                 if local.val_episodes:
-                    self.validation[local.name] = data.open_dataset(
-                        local, local.val_episodes, policy_config, cfg.data.video_backend
-                    )
+                    self.validation[local.name] = self._open(local, policy_config, local.val_episodes)
         self.extra = {
             spec.name: self._open(data.open_eval_only(cfg, i), policy_config)
             for i, spec in enumerate(cfg.data.eval_only)
@@ -47,8 +45,10 @@ class HeldOutSets:
                 f"dataset; use eval.where=clients when the data stays on the clients.\n{e}"
             ) from e
 
-    def _open(self, local: data.ClientData, policy_config: Any) -> Any:
-        return data.open_dataset(local, local.heldout_episodes, policy_config, self.cfg.data.video_backend)
+    def _open(self, local: data.ClientData, policy_config: Any, episodes: list[int] | None = None) -> Any:
+        """The dataset over `episodes` (default: the held-out ones)."""
+        chosen = local.heldout_episodes if episodes is None else episodes
+        return data.open_dataset(local, chosen, policy_config, self.cfg.data.video_backend)
 
     def evaluate(
         self, bundle: model.PolicyBundle, validation: bool = True
@@ -57,8 +57,12 @@ class HeldOutSets:
         current weights; the validation episodes are judged on the loss only (no action sampling)."""
         per_client = {name: evaluate(bundle, ds, self.cfg) for name, ds in self.clients.items()}
         extra = {name: evaluate(bundle, ds, self.cfg) for name, ds in self.extra.items()}
-        val = {name: evaluate(bundle, ds, self.cfg, actions=False) for name, ds in self.validation.items()}
-        return per_client, extra, val if validation else {}
+        val = (
+            {name: evaluate(bundle, ds, self.cfg, actions=False) for name, ds in self.validation.items()}
+            if validation
+            else {}
+        )
+        return per_client, extra, val
 
 
 def sim_labs(cfg: ExperimentConfig) -> dict[str, tuple[Any, str]]:

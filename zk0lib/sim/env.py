@@ -24,7 +24,7 @@ from lerobot_env_so101.gripper import ctrl_to_normalized, normalized_to_ctrl  # 
 from lerobot_env_so101.mujoco_env import GymRenderingSpec, SO101GymEnv  # noqa: E402
 from lerobot_env_so101.pick_place_env import SO101PickPlaceGymEnv  # noqa: E402
 from lerobot_env_so101.policy import DEFAULT_ACTION_SCALE  # noqa: E402
-from lerobot_env_so101.scripted.pick_place import PickPlaceController  # noqa: E402
+from lerobot_env_so101.scripted.pick_place import PickPlaceController, phase_target  # noqa: E402
 
 FPS = 30
 FRAMES_PER_DECISION = 3  # the expert decides at 10 Hz
@@ -200,8 +200,6 @@ def run_expert_episode(env: LabEnv, seed: int, max_decisions: int = 120, render:
             offset = keep * offset + np.sqrt(1 - keep * keep) * rng.normal(0.0, noise_deg, 4)
             phase = env.expert.phase.name
             if phase in NOISY_PHASES:
-                from lerobot_env_so101.scripted.pick_place import phase_target
-
                 block = env._data.sensor("block_pos").data
                 goal = phase_target(env.expert.phase, env.ik_point_pos, block, env._goal_pos, env.expert._table_z)
                 fade = min(1.0, float(np.linalg.norm(goal - env.ik_point_pos)) / NOISE_FADE_DISTANCE)
