@@ -96,3 +96,24 @@ def test_report_of_a_missing_folder_is_one_clear_line(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err
     assert "is not a folder" in err and "reports/demo" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("folder", ["reports/runs/fedavg-1", "reports/runs", "reports/compare/c1", "reports/demo"])
+def test_report_of_a_run_a_runs_folder_a_compare_and_the_demo(tmp_path, folder):
+    """`zk0 report` of one run's folder (what a user tries after `zk0 train`) writes a page as the
+    folders above it do."""
+    from zk0lib.cli import main
+
+    reports = tmp_path / "reports"
+    _record(reports / "runs", "fedavg-1", **{"fl.strategy": "fedavg"})
+    _record(reports / "compare" / "c1" / "runs", "fedprox-s0")
+    _record(reports / "compare" / "c1" / "runs", "centralized-s0", kind="centralized")
+    _record(reports / "demo" / "runs", "demo-1")
+    root = tmp_path / folder
+    assert main(["report", str(root)]) == 0
+    text = (root / "index.html").read_text()
+    expected = {"reports/runs/fedavg-1": ["fedavg-1"], "reports/runs": ["fedavg-1"]}
+    expected |= {"reports/compare/c1": ["fedprox-s0", "centralized-s0"], "reports/demo": ["demo-1"]}
+    for run_id in expected[folder]:
+        assert run_id in text
+    assert f"{len(expected[folder])} runs" in text

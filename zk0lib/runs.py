@@ -206,8 +206,10 @@ def find_runs(root: str | Path, max_depth: int = 6) -> list[RunRecord]:
 
 
 def run_source(run: RunRecord, root: str | Path) -> str:
-    """Where under `root` a run came from: the folder holding its runs folder (e.g. demo, compare/x)."""
-    rel = run.path.parent.relative_to(Path(root)) if run.path.is_relative_to(Path(root)) else run.path.parent
+    """Where under `root` a run came from: the folder holding its runs folder (e.g. demo, compare/x);
+    "." when that is `root` itself, or when `root` is the run's own folder."""
+    root = Path(root)
+    rel = run.path.relative_to(root).parent if run.path.is_relative_to(root) else run.path.parent
     parts = rel.parts[:-1] if rel.parts and rel.parts[-1] == "runs" else rel.parts
     return "/".join(parts) or "."
 
