@@ -56,6 +56,46 @@ def test_recorded_lab_is_a_lerobot_dataset(recording, cache):
     assert len(info["episode_seeds"]) == 3
 
 
+def test_recording_holds_the_environment_state_the_simulator_knew(recording, cache):
+    """observation.environment_state: the cube where the scene put it at each frame, the target fixed;
+    read back it is what the lab's seeded reset draws, and the cube ends on the target."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from zk0lib.sim.env import ENVIRONMENT_NAMES, LabEnv
+
+    ds = LeRobotDataset("zk0/lab-blue", root=recording.root)
+    assert ds.meta.features["observation.environment_state"]["names"] == ENVIRONMENT_NAMES
+    table = ds.hf_dataset.with_format("numpy")
+    env_state = np.asarray(table["observation.environment_state"])
+    episode = np.asarray(table["episode_index"])
+    info = json.loads((recording.root / RECORD_INFO).read_text())
+    env = LabEnv(LABS["lab-blue"], IMAGE, cache)
+    try:
+        for ep, seed in enumerate(info["episode_seeds"]):
+            rows = env_state[episode == ep]
+            env.reset(seed=seed)
+            np.testing.assert_allclose(rows[0], env.environment_state(), atol=1e-5)
+            (cx0, cy0), (cx1, cy1) = rows[0, :2], rows[-1, :2]
+            region = np.asarray(LABS["lab-blue"].cube_region)
+            assert np.all(region[0] <= (cx0, cy0)) and np.all((cx0, cy0) <= region[1])
+            assert np.ptp(rows[:, 3:], axis=0).max() == 0  # the target does not move
+            assert np.hypot(cx1 - cx0, cy1 - cy0) > 0.05  # the cube was carried ...
+            assert np.hypot(cx1 - rows[-1, 3], cy1 - rows[-1, 4]) < 0.03  # ... onto the target
+    finally:
+        env.close()
+
+
+def test_tiny_smolvla_leaves_the_environment_state_out(recording, smoke_cfg, stats):
+    """Camera policies do not read privileged state: it is not among the tiny SmolVLA's input features."""
+    from zk0lib import model
+    from zk0lib.data import load_metadata
+
+    meta = load_metadata("zk0/lab-blue", recording.root)
+    bundle = model.build_policy(smoke_cfg, meta, {**stats, **{k: v for k, v in meta.stats.items() if k not in stats}})
+    assert "observation.environment_state" not in bundle.policy.config.input_features
+    assert "observation.state" in bundle.policy.config.input_features
+
+
 def test_recording_is_cached_and_independent_of_workers(recording, cache, tmp_path):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 

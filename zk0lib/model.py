@@ -308,7 +308,9 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
     rename = dict(cfg.data.rename_map)
     features = {rename.get(k, k): v for k, v in dataset_to_policy_features(ds_meta.features).items()}
     if cfg.model.pretrained == TINY:
-        pc.input_features = {k: f for k, f in features.items() if f.type is not FeatureType.ACTION}
+        # SmolVLA reads the state and the cameras; privileged environment state (sim recordings) is for
+        # reference policies, so it is left out of what the policy expects and normalizes
+        pc.input_features = {k: f for k, f in features.items() if f.type not in (FeatureType.ACTION, FeatureType.ENV)}
         torch.manual_seed(cfg.model.init_seed)
     else:
         _check_cameras(pc, features, cfg)

@@ -42,7 +42,7 @@ def _lab_starts(lab: LabSpec, count: int, chunk: int, image_size: int, cache_dir
         for k in range(count):
             t0 = 0 if rng.random() < 0.5 else int(rng.integers(1, MAX_LATE_FRAME + 1))
             targets: list[np.ndarray] = []
-            for t, (state, action, _) in enumerate(
+            for t, (state, action, _, _) in enumerate(
                 run_expert_episode(env, episode_seed(lab, seed, k, purpose=4), render=False)
             ):
                 if t == t0:

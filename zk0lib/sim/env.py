@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,6 +33,8 @@ SUBSTEPS_PER_FRAME = 20
 JOINTS = ("shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper")
 JOINT_NAMES = [f"{j}.pos" for j in JOINTS]
 CAMERAS = (FRONT_CAMERA, WRIST_CAMERA)
+# observation.environment_state: what the simulator knows and a camera policy must see for itself
+ENVIRONMENT_NAMES = ["cube.x", "cube.y", "cube.z", "target.x", "target.y", "target.z"]  # metres, world frame
 MIN_CUBE_TARGET_DISTANCE = 0.08
 STAGES = ("none", "reached", "grasped", "lifted", "placed")
 REACH_DISTANCE = 0.03
@@ -102,6 +104,11 @@ class LabEnv(SO101PickPlaceGymEnv, _LabSceneBase):
         grip = 100 * ctrl_to_normalized(self._data.qpos[self._gripper_qpos_adr], self._gripper_range)
         return np.asarray([*arm, grip], dtype=np.float32)
 
+    def environment_state(self) -> np.ndarray:
+        """The cube's position now and the target's, in metres (ENVIRONMENT_NAMES): privileged state, recorded
+        as LeRobot's `observation.environment_state` for reference policies and probes."""
+        return np.asarray([*self._data.sensor("block_pos").data, *self._goal_pos], dtype=np.float32)
+
     def joint_targets(self) -> np.ndarray:
         """The actuators' current targets in dataset units: what a policy's action sets."""
         arm = np.rad2deg(self._data.ctrl[self._arm_ctrl_ids])
@@ -157,6 +164,8 @@ class LabEnv(SO101PickPlaceGymEnv, _LabSceneBase):
 
     # -- cameras
     def render_cameras(self, cameras: tuple[str, ...] = CAMERAS) -> dict[str, np.ndarray]:
+        if not cameras:
+            return {}
         if self._renderer is None:
             self._renderer = mujoco.Renderer(self._model, self.image_size, self.image_size)
         out = {}
@@ -177,8 +186,16 @@ NOISE_CORRELATION = 0.7  # of the execution offset from one 10 Hz decision to th
 NOISE_FADE_DISTANCE = 0.05  # metres: the offset fades out as the gripper nears its phase target
 
 
+class ExpertFrame(NamedTuple):
+    state: np.ndarray  # joint positions (observation.state)
+    action: np.ndarray  # the expert's joint targets (action)
+    images: dict[str, np.ndarray]  # camera -> HxWx3 uint8 (empty when not rendered)
+    environment_state: np.ndarray  # cube and target positions (observation.environment_state)
+
+
 def run_expert_episode(env: LabEnv, seed: int, max_decisions: int = 120, render: bool = True, noise_deg: float = 0.0):
-    """One scripted-expert episode, as (state, action, camera images) per 30 fps frame.
+    """One scripted-expert episode, as an ExpertFrame (state, action, camera images, environment state) per
+    30 fps frame.
 
     The episode ends at success, when the cube leaves the workspace, or after `max_decisions`;
     afterwards `env.stage` tells how far it got (4 = placed).
@@ -209,7 +226,7 @@ def run_expert_episode(env: LabEnv, seed: int, max_decisions: int = 120, render:
         for _ in range(FRAMES_PER_DECISION):
             state = env.joint_state()
             images = env.render_cameras() if render else {}
-            yield state, targets, images
+            yield ExpertFrame(state, targets, images, env.environment_state())
             success, failed = env.step_frame()
             if success or failed:
                 return

@@ -27,7 +27,7 @@ import numpy as np
 
 from zk0lib.sim.labs import LabSpec, get_lab
 
-RECORDER_VERSION = 1
+RECORDER_VERSION = 2  # 2: observation.environment_state (older recordings are recorded again, never mixed)
 RECORD_INFO = "zk0_recording.json"
 MAX_ATTEMPT_FACTOR = 3  # give up after 3x the requested episodes
 
@@ -55,13 +55,14 @@ def episode_seed(lab: LabSpec, seed: int, k: int, purpose: int = 0) -> int:
 
 
 def features(image_size: int) -> dict[str, dict]:
-    from zk0lib.sim.env import CAMERAS, JOINT_NAMES
+    from zk0lib.sim.env import CAMERAS, ENVIRONMENT_NAMES, JOINT_NAMES
 
     vec = {"dtype": "float32", "shape": (6,), "names": JOINT_NAMES}
     video = {"dtype": "video", "shape": (image_size, image_size, 3), "names": ["height", "width", "channels"]}
     return {
         "observation.state": dict(vec),
         "action": dict(vec),
+        "observation.environment_state": {"dtype": "float32", "shape": (6,), "names": ENVIRONMENT_NAMES},
         **{f"observation.images.{c}": dict(video) for c in CAMERAS},
     }
 
@@ -100,9 +101,10 @@ def _simulate(seed: int) -> dict[str, Any]:
     return {
         "seed": seed,
         "success": env.stage == 4,
-        "states": np.stack([f[0] for f in frames]),
-        "actions": np.stack([f[1] for f in frames]),
-        "images": {cam: np.stack([f[2][cam] for f in frames]) for cam in frames[0][2]},
+        "states": np.stack([f.state for f in frames]),
+        "actions": np.stack([f.action for f in frames]),
+        "environment": np.stack([f.environment_state for f in frames]),
+        "images": {cam: np.stack([f.images[cam] for f in frames]) for cam in frames[0].images},
     }
 
 
@@ -193,6 +195,7 @@ def record_lab(
                         {
                             "observation.state": ep["states"][i],
                             "action": ep["actions"][i],
+                            "observation.environment_state": ep["environment"][i],
                             **{f"observation.images.{cam}": imgs[i] for cam, imgs in ep["images"].items()},
                             "task": lab.task,
                         }
@@ -267,7 +270,7 @@ def check_expert(
     try:
         for k in range(episodes):
             ep_seed = episode_seed(lab, seed, k)
-            actions = [np.asarray(a, dtype=np.float32) for _, a, _ in run_expert_episode(env, ep_seed, render=False)]
+            actions = [np.asarray(f.action, dtype=np.float32) for f in run_expert_episode(env, ep_seed, render=False)]
             expert.append(env.stage == 4)
             if not expert[-1]:
                 continue
