@@ -230,6 +230,45 @@ def cmd_sim_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim_reference(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib.env import quiet
+    from zk0lib.sim.reference import ReferenceSpec, calibrate
+
+    quiet()
+    cfg = _config(args)
+    try:
+        specs = [
+            ReferenceSpec(
+                head=head,
+                environment=args.environment,
+                chunk=args.chunk,
+                n_action_steps=args.n_action_steps or args.chunk,
+                samples=int(float(samples)),
+                batch_size=args.batch_size,
+                denoise_steps=args.denoise_steps,
+                seed=cfg.seed,
+            )
+            for head in args.heads.split(",")
+            for samples in args.samples.split(",")
+        ]
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    out = Path(args.out or f"reports/reference/{cfg.preset}")
+    t0 = time.perf_counter()
+    command = "zk0 " + " ".join(args.argv)
+    record = calibrate(cfg, specs, args.episodes, out, not args.no_baselines, args.max_frames, command, _indented)
+    print((out / "reference.md").read_text())
+    proxy = record.get("proxy", {})
+    if proxy.get("spearman") is not None:
+        print(
+            f"held-out chunk error vs closed-loop success over {proxy['rows']} rows: Spearman {proxy['spearman']:.2f}"
+        )
+    print(f"zk0 sim reference: {(time.perf_counter() - t0) / 60:.1f} min -> {out}/reference.json, reference.md")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from zk0lib.env import quiet, use_offline_hub_if_possible
     from zk0lib.validate import check_before_training, validate_clients
@@ -497,11 +536,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", help="folder for an mp4 per episode")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_sim_rollout)
+    p = with_config(
+        sim.add_parser(
+            "reference",
+            help="calibrate the benchmark: an MLP told the cube's and target's positions, trained on the preset's "
+            "client datasets and rolled out in every client lab and lab-unseen, next to the expert and hold-still",
+        )
+    )
+    p.add_argument("--heads", default="mse,flow", help="mse, flow or both (comma-separated)")
+    p.add_argument("--samples", default="24000,384000", help="training budgets in samples seen (comma-separated)")
+    p.add_argument("--environment", default="start", choices=("start", "live", "none"))
+    p.add_argument("--chunk", type=int, default=12, help="frames predicted per call")
+    p.add_argument("--n-action-steps", type=int, help="frames played before predicting again (default: chunk)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--denoise-steps", type=int, default=5)
+    p.add_argument("--episodes", type=int, default=20, help="closed-loop episodes per lab")
+    p.add_argument("--max-frames", type=int, help="frames per closed-loop episode (default: eval.rollout_max_frames)")
+    p.add_argument("--no-baselines", action="store_true", help="leave out the expert and hold-still rows")
+    p.add_argument("--out", help="default: reports/reference/<preset>")
+    p.set_defaults(func=cmd_sim_reference)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a record says produced it
     try:
         return args.func(args)
     except ConfigError as e:

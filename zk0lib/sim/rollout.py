@@ -69,7 +69,11 @@ def _needs_observation(policy: Any) -> bool:
 
 
 def _observation(env: Any, images: dict[str, np.ndarray], task: str, device: torch.device) -> dict[str, Any]:
-    obs: dict[str, Any] = {"observation.state": torch.from_numpy(env.joint_state()).unsqueeze(0).to(device)}
+    obs: dict[str, Any] = {
+        "observation.state": torch.from_numpy(env.joint_state()).unsqueeze(0).to(device),
+        # privileged: for reference policies; camera policies leave it out of their features
+        "observation.environment_state": torch.from_numpy(env.environment_state()).unsqueeze(0).to(device),
+    }
     for cam, img in images.items():
         obs[f"observation.images.{cam}"] = (
             torch.from_numpy(img).permute(2, 0, 1).unsqueeze(0).to(device=device, dtype=torch.float32) / 255.0
@@ -103,6 +107,7 @@ def rollout(
     pre, post = processors if processors is not None else (None, None)
     device = torch.device(device)
     env = LabEnv(lab, image_size, cache_dir)
+    cameras = CAMERAS if getattr(policy, "needs_images", True) else ()  # state-only policies: nothing rendered
     if hasattr(policy, "bind_env"):
         policy.bind_env(env)
     if hasattr(policy, "eval"):
@@ -122,11 +127,11 @@ def rollout(
             for frame in range(max_frames):
                 want_video = video_dir is not None
                 if batch is None or _needs_observation(policy) or want_video:
-                    images = env.render_cameras(CAMERAS)
+                    images = env.render_cameras(CAMERAS if want_video else cameras)
                     if want_video:
                         frames_for_video.append(_annotate(images, lab.task, env.stage_name, frame))
                     if batch is None or _needs_observation(policy):
-                        batch = _observation(env, images, lab.task, device)
+                        batch = _observation(env, {c: images[c] for c in cameras}, lab.task, device)
                         batch = pre(batch) if pre is not None else batch
                         calls += 1
                 action = policy.select_action(batch)
@@ -178,6 +183,8 @@ def write_video(frames: list[np.ndarray], path: Path, fps: int = 30) -> Path:
 class ScriptedExpertPolicy:
     """The lab's scripted expert as a policy with privileged access to the scene: an upper bound."""
 
+    needs_images = False
+
     def __init__(self) -> None:
         self.env: Any = None
         self._held: np.ndarray | None = None
@@ -200,6 +207,8 @@ class ScriptedExpertPolicy:
 
 class HoldStillPolicy:
     """Commands the current joint positions: the arm does nothing. A lower bound (0%)."""
+
+    needs_images = False
 
     def reset(self) -> None:
         pass

@@ -1,0 +1,90 @@
+"""The reference policy: an MLP told the cube's and target's positions, trained on a recorded lab's
+LeRobot dataset and rolled out in closed loop (real simulator, real dataset, no rendering)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from zk0lib.sim.record import record_lab
+from zk0lib.sim.reference import ReferenceSpec, chunk_error, closed_loop, read_frames, train_reference
+
+
+@pytest.fixture(scope="module")
+def recording(home):
+    return record_lab("lab-red", 12, home / "data_cache", image_size=32, seed=0, workers=2)
+
+
+@pytest.fixture(scope="module")
+def frames(recording):
+    return read_frames("zk0/lab-red", recording.root, list(range(10)), 12), read_frames(
+        "zk0/lab-red", recording.root, [10, 11], 12
+    )
+
+
+def test_frames_carry_chunks_and_the_episode_start(frames):
+    train, _ = frames
+    assert train.chunks.shape[1:] == (12, 6) and train.state.shape[1] == 6 and train.environment.shape[1] == 6
+    first = np.flatnonzero(np.any(train.start[1:] != train.start[:-1], axis=1)) + 1  # episode boundaries
+    assert len(first) == 9  # 10 episodes
+    np.testing.assert_array_equal(train.start[first], train.environment[first])  # the start is frame 0's
+    np.testing.assert_array_equal(train.chunks[first - 1, -1], train.chunks[first - 1, 0])  # padded at the end
+    assert train.inputs("start").shape[1] == 12 and train.inputs("none").shape[1] == 6
+
+
+def test_reference_policy_places_the_cube_after_a_short_run(frames):
+    train, held = frames
+    policy, fit = train_reference(ReferenceSpec(head="mse", samples=256_000), train)
+    assert fit["steps"] == 1000 and fit["final_loss"] < 0.1
+    error = chunk_error(policy, held)
+    assert len(error) == 6 and max(error[:5]) < 15.0  # degrees, played part of the chunk (expert moves ~40)
+    loop = closed_loop(policy, ["lab-red"], 6, max_frames=300)
+    pooled = loop["pooled"]
+    assert pooled["episodes"] == 6 and sum(pooled["stage_counts"].values()) == 6
+    assert pooled["successes"] > 0, pooled  # it picks and places from the positions alone
+
+
+def test_flow_head_trains_and_samples_seeded_chunks(frames):
+    train, held = frames
+    policy, _ = train_reference(ReferenceSpec(head="flow", samples=8192, batch_size=64), train)
+    assert chunk_error(policy, held, seed=1) == chunk_error(policy, held, seed=1)
+    assert chunk_error(policy, held, seed=1) != chunk_error(policy, held, seed=2)
+
+
+def test_bad_specs_and_datasets_without_environment_state_are_refused(tmp_path):
+    from zk0lib import synth
+
+    with pytest.raises(ValueError, match="head must be one of mse, flow"):
+        ReferenceSpec(head="diffusion")
+    with pytest.raises(ValueError, match="n_action_steps must be in 1..chunk=12"):
+        ReferenceSpec(n_action_steps=20)
+    root = synth.ensure_synthetic_dataset(synth.SyntheticSpec(0, 2, 20, 32, 0), "zk0/synth-a", tmp_path)
+    with pytest.raises(ValueError, match="has no observation.environment_state"):
+        read_frames("zk0/synth-a", root, [0], 12)
+
+
+def test_calibration_table_of_a_lab_with_the_expert_and_hold_still(recording, tmp_path, capsys):
+    from zk0lib.cli import main
+    from zk0lib.config import ClientConfig, load_config
+    from zk0lib.sim.reference import calibrate
+
+    cfg = load_config("demo", {"data.sim_episodes": 12, "data.sim_image_size": 32, "data.heldout_episodes": 2})
+    cfg.data.clients = [ClientConfig("lab-red", source="sim", lab="lab-red")]  # the fixture's recording
+    spec = ReferenceSpec(head="mse", samples=64_000)
+    record = calibrate(cfg, [spec], 2, tmp_path, max_frames=200, command="test", log=lambda line: None)
+    assert [r["name"] for r in record["rows"]] == ["scripted expert", "hold still", f"reference {spec.label}"]
+    expert, still, ref = record["rows"]
+    assert record["labs"] == ["lab-red", "lab-unseen"]
+    assert expert["closed_loop"]["pooled"]["successes"] == 2 and still["closed_loop"]["pooled"]["successes"] == 0
+    assert (
+        set(ref["closed_loop"]["labs"]) == {"lab-red", "lab-unseen"} and ref["closed_loop"]["pooled"]["episodes"] == 2
+    )
+    assert ref["train"]["steps"] == 250 and len(ref["chunk_error"]) == 6 and ref["heldout_frames"] > 0
+    assert json.loads((tmp_path / "reference.json").read_text()) == json.loads(json.dumps(record))
+    table = (tmp_path / "reference.md").read_text()
+    assert table.count("\n") == 5 and "| scripted expert | 2/2 [" in table and "64,000" in table
+
+    assert main(["sim", "reference", "--preset", "smoke", "--out", str(tmp_path / "no")]) == 2
+    assert "simulated labs only" in capsys.readouterr().err and not (tmp_path / "no").exists()
+    assert main(["sim", "reference", "--heads", "diffusion", "--out", str(tmp_path / "no")]) == 2
+    assert "head must be one of mse, flow" in capsys.readouterr().err
