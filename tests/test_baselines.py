@@ -13,12 +13,15 @@ from zk0lib.runs import RunRecord
 
 @pytest.fixture(scope="module")
 def three_kinds(home, smoke_run):
-    """The session's federated smoke run and both baselines of the same config."""
+    """The session's federated smoke run and both baselines of the same config; the baselines read their
+    frames from the training caches (centralized trains on cached image features, local-only on cached
+    frames), the federated run decodes its videos: the records must agree all the same."""
     out, _, _ = smoke_run
     assert out.returncode == 0, out.stderr[-3000:]
     results = {"federated": RunRecord(home / "reports" / "runs" / "e2e-smoke")}
+    caches = {"centralized": "features", "local-only": "frames"}
     for kind in baselines.KINDS:
-        cfg = load_config("smoke", {"output.run_id": f"baseline-{kind}"})
+        cfg = load_config("smoke", {"output.run_id": f"baseline-{kind}", "data.cache": caches[kind]})
         results[kind] = baselines.run_baseline(kind, cfg, progress=None).record
     return results
 
@@ -43,7 +46,9 @@ def test_baselines_train_on_exactly_the_federated_samples(three_kinds):
                 assert {m["samples"] for m in clients.values()} == {cfg.train.local_steps * cfg.train.batch_size}
 
 
-def test_baselines_write_the_federated_record_format(three_kinds):
+def test_baselines_write_the_federated_record_format(three_kinds, home):
+    stores = {p.parent.name for p in (home / "data_cache" / "features").glob("*/store.json")}
+    assert any(name.startswith("zk0__synthetic-0") for name in stores), stores  # centralized trained on features
     fed_rounds = three_kinds["federated"].rounds()
     for kind in baselines.KINDS:
         run = three_kinds[kind]

@@ -53,6 +53,7 @@ def faulty_run(home, zk0_cli):
         "--set", "fl.num_rounds=4",
         "--set", "fl.min_train_clients=1",
         "--set", "fl.inject_failure=nan:0@1,shape:1@2,raise:0@3,exit:1@4",
+        "--set", "data.cache=features",  # clients train on cached image features
     )  # fmt: skip
     del os.environ[FAULTS_ENV]
     return out, t0

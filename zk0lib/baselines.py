@@ -69,7 +69,8 @@ class _Baseline:
         t = time.perf_counter()
         self.heldout = HeldOutSets(cfg, self.bundle.config, opened=self.clients)
         self.train_sets = [
-            data.open_dataset(c, c.train_episodes, self.bundle.config, cfg.data.video_backend) for c in self.clients
+            data.embedded_for(cfg, data.open_for(cfg, c, c.train_episodes, self.bundle.config), self.bundle)
+            for c in self.clients
         ]
         self.run.update_summary(
             parameters=model.parameter_counts(self.bundle.policy),

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from zk0lib import data, model, train
-from zk0lib.config import ConfigError, ExperimentConfig, load_config, zk0_home
+from zk0lib.config import CACHES, ConfigError, ExperimentConfig, load_config, zk0_home
 from zk0lib.runs import RunRecord, environment, list_runs, utc_now, write_json
 
 
@@ -485,4 +485,131 @@ def gpu_step_markdown(result: dict[str, Any]) -> str:
             f"{r['zk0_samples_per_second']:.0f} | {r['lerobot_step_seconds']:.3f} | {r['lerobot_peak_memory_gib']:.1f} | "
             f"{r['lerobot_samples_per_second']:.0f} |"
         )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def _ms(seconds: list[float], per: int = 1) -> float:
+    import numpy as np
+
+    return 1000 * float(np.median(seconds)) / per
+
+
+def bench_train(
+    preset: str = "demo",
+    overrides: list[str] | None = None,
+    batch_sizes: tuple[int, ...] = (8, 32, 64),
+    caches: tuple[str, ...] = ("none", "frames"),
+    steps: int = 10,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Training samples/s on client 0's training episodes, per cache and batch size, and where a step's
+    time goes: reading an item (decode), collate, the preprocessor, forward, backward, optimizer (clip, step,
+    zero). The parts are timed in this process one after another (items read without loader workers);
+    `samples_per_second` is the real thing: train_steps through the loader with train.num_workers workers."""
+    import numpy as np
+
+    from zk0lib.launch import prepare
+
+    log = progress or (lambda line: None)
+    unknown = set(caches) - set(CACHES)
+    if unknown:
+        raise ConfigError(f"unknown caches {sorted(unknown)}: choose from {', '.join(CACHES)}")
+    cfg = load_config(preset, overrides)
+    prepare(cfg)
+    clients = [data.open_client(cfg, i) for i in range(len(cfg.data.clients))]
+    client, stats = clients[0], data.pooled_stats([c.meta for c in clients])
+    result: dict[str, Any] = {
+        "preset": preset,
+        "client": client.name,
+        "num_workers": cfg.train.num_workers,
+        "threads": torch.get_num_threads(),
+        "rows": [],
+    }
+    for mode in caches:
+        bundle = model.build_policy(cfg, client.meta, stats)
+        t0 = time.perf_counter()
+        cfg.data.cache = mode
+        dataset = data.embedded_for(cfg, data.open_for(cfg, client, client.train_episodes, bundle.config), bundle)
+        build_seconds = time.perf_counter() - t0
+        rng = np.random.default_rng(0)
+        picks = rng.choice(len(dataset), size=min(64, len(dataset)), replace=False).tolist()
+        item_s = []
+        for i in picks:
+            t = time.perf_counter()
+            dataset[i]
+            item_s.append(time.perf_counter() - t)
+        log(f"{mode}: cache ready in {build_seconds:.1f} s, {_ms(item_s):.2f} ms per item")
+        for bs in batch_sizes:
+            row = {"cache": mode, "batch_size": bs, "cache_build_seconds": build_seconds, "item_ms": _ms(item_s)}
+            items = [dataset[i] for i in rng.choice(len(dataset), size=bs, replace=False).tolist()]
+            parts: dict[str, list[float]] = {
+                k: [] for k in ("collate", "processor", "forward", "backward", "optimizer")
+            }
+            optimizer, _ = train.make_optimizer(bundle.policy, steps + 2, 0)
+            params = [p for _, p in model.trainable_parameters(bundle.policy)]
+            bundle.policy.train()
+            for k in range(steps + 1):
+                marks = [time.perf_counter()]
+                batch = data.collate_or_skip(items)
+                marks.append(time.perf_counter())
+                batch = bundle.preprocessor(batch)
+                marks.append(time.perf_counter())
+                loss, _ = bundle.policy.forward(batch)
+                marks.append(time.perf_counter())
+                loss.backward()
+                _sync(bundle.device)
+                marks.append(time.perf_counter())
+                torch.nn.utils.clip_grad_norm_(params, bundle.policy.config.optimizer_grad_clip_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                _sync(bundle.device)
+                marks.append(time.perf_counter())
+                if k:  # the first step warms up
+                    for name, a, b in zip(parts, marks, marks[1:], strict=False):
+                        parts[name].append(b - a)
+            row |= {f"{name}_ms": _ms(v, bs) for name, v in parts.items()}  # per sample
+            row["compute_ms"] = sum(row[f"{n}_ms"] for n in ("processor", "forward", "backward", "optimizer"))
+            stream_set = data.BatchStream(dataset, bs, cfg.train.num_workers)
+            stream = stream_set.batches(0)
+            optimizer, scheduler = train.make_optimizer(bundle.policy, 2 * steps + 4, 0)
+            train.train_steps(bundle, stream, optimizer, scheduler, 2, cfg)  # loader start-up and warm-up
+            metrics = train.train_steps(bundle, stream, optimizer, scheduler, steps, cfg)
+            stream_set.close()
+            row["samples_per_second"] = metrics["samples"] / metrics["seconds"]
+            row["waiting_for_data_fraction"] = metrics["data_seconds"] / metrics["seconds"]
+            result["rows"].append(row)
+            log(
+                f"{mode} batch {bs}: {row['samples_per_second']:.0f} samples/s (item {row['item_ms']:.2f} ms, "
+                f"compute {row['compute_ms']:.2f} ms per sample, {row['waiting_for_data_fraction']:.0%} waiting for data)"
+            )
+    best = max(result["rows"], key=lambda r: r["samples_per_second"])
+    first = result["rows"][0]
+    result["best"] = {k: best[k] for k in ("cache", "batch_size", "samples_per_second")}
+    result["speedup_over_first_row"] = best["samples_per_second"] / first["samples_per_second"]
+    return result
+
+
+def train_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"preset {result['preset']}, client {result['client']}, {result['num_workers']} loader workers, "
+        f"{result['threads']} torch threads; per-sample parts in ms",
+        "",
+        "| cache | batch | samples/s | waiting for data | item (decode) | collate | processor | forward | backward |"
+        " optimizer | cache build (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['cache']} | {r['batch_size']} | {r['samples_per_second']:.0f} | {r['waiting_for_data_fraction']:.0%} |"
+            f" {r['item_ms']:.2f} | {r['collate_ms']:.3f} | {r['processor_ms']:.3f} | {r['forward_ms']:.2f} |"
+            f" {r['backward_ms']:.2f} | {r['optimizer_ms']:.3f} | {r['cache_build_seconds']:.1f} |"
+        )
+    b = result["best"]
+    lines.append(
+        f"\nbest: cache {b['cache']}, batch {b['batch_size']}: {b['samples_per_second']:.0f} samples/s, "
+        f"{result['speedup_over_first_row']:.1f}x the first row"
+    )
     return "\n".join(lines)

@@ -99,6 +99,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     elif name == "dataloader":
         result = bench.bench_dataloader(args.preset, list(args.set or []), args.batches)
         text = bench.dataloader_markdown(result)
+    elif name == "train":
+        sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+        caches = tuple(args.caches.split(","))
+        result = bench.bench_train(args.preset, list(args.set or []), sizes, caches, args.steps, _indented)
+        text = bench.train_markdown(result)
     else:
         sizes = tuple(int(x) for x in args.batch_sizes.split(","))
         result = bench.bench_gpu_step(sizes, args.steps)
@@ -440,6 +445,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     p = with_config(bench_sub.add_parser("dataloader", help="decoded samples/s vs samples/s training consumes"))
     p.add_argument("--batches", type=int, default=30)
+    p.set_defaults(func=cmd_bench)
+    p = with_config(bench_sub.add_parser("train", help="training samples/s per cache and batch size, a step's parts"))
+    p.add_argument("--batch-sizes", default="8,32,64")
+    p.add_argument("--caches", default="none,frames,features", help="none, frames, features (comma-separated)")
+    p.add_argument("--steps", type=int, default=10)
     p.set_defaults(func=cmd_bench)
     p = bench_sub.add_parser("gpu-step", help="smolvla_base-sized bf16 training step (CUDA; skipped without)")
     p.add_argument("--batch-sizes", default="8,32,64")

@@ -41,6 +41,9 @@ class ConfigError(ValueError):
     """A config value is wrong; the message lists every problem with its dotted key."""
 
 
+CACHES = ("none", "frames", "features")
+
+
 @dataclass
 class ClientConfig:
     """One robot owner's dataset; each client of the federation trains on exactly one."""
@@ -66,6 +69,11 @@ class DataConfig:
     split_seed: int = 0  # which episodes are held out
     rename_map: dict[str, str] = field(default_factory=dict)  # dataset camera key -> policy camera key
     video_backend: str | None = None  # None: lerobot's default (torchcodec)
+    # what training computes once (cache.py): none; frames: every video frame decoded once into a uint8
+    # store under data_cache/frames (H*W*3 bytes per frame and camera), items assembled in memory;
+    # features: also each frame's embedding by the frozen vision encoder and connector, in place of pixels.
+    # Both pay off once training sees more samples than its datasets have frames.
+    cache: str = "none"
     synthetic_episodes: int = 8
     synthetic_frames: int = 45
     synthetic_image_size: int = 64
@@ -90,6 +98,12 @@ class DataConfig:
         p.need(d.synthetic_episodes >= 1, f"data.synthetic_episodes must be >= 1 (got {d.synthetic_episodes})")
         p.need(d.synthetic_frames >= 2, f"data.synthetic_frames must be >= 2 (got {d.synthetic_frames})")
         p.need(d.synthetic_image_size >= 16, f"data.synthetic_image_size must be >= 16 (got {d.synthetic_image_size})")
+        p.need(d.cache in CACHES, f"data.cache must be one of {', '.join(CACHES)} (got {d.cache!r})")
+        p.need(
+            d.cache != "features" or (cfg.model.freeze_vision_encoder and cfg.model.train_expert_only),
+            "data.cache=features needs the vision path frozen (model.freeze_vision_encoder and "
+            "model.train_expert_only true); use data.cache=frames",
+        )
         p.need(
             d.video_backend in (None, "torchcodec", "pyav"),
             f"data.video_backend: torchcodec or pyav, got {d.video_backend!r}",

@@ -101,18 +101,53 @@ def pooled_stats(metas: list[Any]) -> dict[str, dict[str, np.ndarray]]:
     return aggregate_stats([m.stats for m in metas])
 
 
-def open_dataset(data: ClientData, episodes: list[int], policy_config: Any, video_backend: str | None) -> Any:
-    """A LeRobotDataset over some episodes, returning the action chunk the policy trains on."""
+def open_dataset(
+    data: ClientData,
+    episodes: list[int],
+    policy_config: Any,
+    video_backend: str | None,
+    frame_cache: Path | None = None,
+) -> Any:
+    """A LeRobotDataset over some episodes, returning the action chunk the policy trains on. With
+    `frame_cache` (a cache folder), its video frames are decoded once into a frame store there and read
+    from it (cache.py): the same items, without decoding at every step."""
     from lerobot.datasets.factory import resolve_delta_timestamps
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-    return LeRobotDataset(
+    ds = LeRobotDataset(
         data.repo_id,
         root=data.root,
         episodes=episodes,
         delta_timestamps=resolve_delta_timestamps(policy_config, data.meta),
         video_backend=video_backend,
     )
+    if frame_cache is None or not ds.meta.video_keys:
+        return ds
+    from zk0lib.cache import CachedItems, frame_store
+
+    return CachedItems(ds, frame_store(data.repo_id, Path(ds.root), frame_cache, video_backend))
+
+
+def frame_cache_of(cfg: ExperimentConfig) -> Path | None:
+    """Where datasets read decoded frames from (data.cache frames or features), or None to decode videos."""
+    return cfg.cache_dir if cfg.data.cache in ("frames", "features") else None
+
+
+def open_for(cfg: ExperimentConfig, client: ClientData, episodes: list[int], policy_config: Any) -> Any:
+    """A client's dataset over `episodes` as this config reads it (videos, or the frame cache)."""
+    return open_dataset(client, episodes, policy_config, cfg.data.video_backend, frame_cache_of(cfg))
+
+
+def embedded_for(cfg: ExperimentConfig, dataset: Any, bundle: Any) -> Any:
+    """With data.cache=features, the dataset with frames replaced by the bundle's frozen image embeddings
+    (and the policy reading them); otherwise the dataset as it is."""
+    if cfg.data.cache != "features":
+        return dataset
+    from zk0lib.cache import EmbeddedItems, with_image_features
+
+    if isinstance(dataset, EmbeddedItems):
+        return dataset
+    return with_image_features(dataset, bundle, cfg.cache_dir, cfg.data.rename_map)
 
 
 class SkipUndecodable(torch.utils.data.Dataset):

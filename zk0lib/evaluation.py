@@ -48,7 +48,7 @@ class HeldOutSets:
     def _open(self, local: data.ClientData, policy_config: Any, episodes: list[int] | None = None) -> Any:
         """The dataset over `episodes` (default: the held-out ones)."""
         chosen = local.heldout_episodes if episodes is None else episodes
-        return data.open_dataset(local, chosen, policy_config, self.cfg.data.video_backend)
+        return data.open_for(self.cfg, local, chosen, policy_config)
 
     def evaluate(
         self, bundle: model.PolicyBundle, validation: bool = True

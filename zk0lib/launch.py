@@ -4,6 +4,7 @@ check the config and every dataset (recording simulated labs once), validate, th
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from zk0lib import env
 from zk0lib.config import TINY, ExperimentConfig, validate
-from zk0lib.data import load_metadata
+from zk0lib.data import frame_cache_of, load_metadata
 from zk0lib.model import check_pretrained, ensure_tiny_vlm
 from zk0lib.runs import RunRecord
 from zk0lib.sources import dataset_location
@@ -65,7 +66,16 @@ def prepare(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None
             if progress is not None and (done % 5 == 0 or done == total):
                 progress(f"recording {name}: {done}/{total} expert episodes")
 
-        load_metadata(*dataset_location(cfg, client, report), key)
+        repo_id, root = dataset_location(cfg, client, report)
+        meta = load_metadata(repo_id, root, key)
+        if frame_cache_of(cfg) is not None and meta.video_keys:  # built here once, before clients race for it
+            from zk0lib.cache import frame_store
+            from zk0lib.sources import hub_root
+
+            t0 = time.perf_counter()
+            store = frame_store(repo_id, Path(root or hub_root(repo_id)), cfg.cache_dir, cfg.data.video_backend)
+            if progress is not None and time.perf_counter() - t0 > 1:
+                progress(f"frame cache of {client.name}: {store.info['frames']} frames, {store.nbytes / 2**20:.0f} MiB")
     if cfg.model.pretrained == TINY:
         ensure_tiny_vlm()
     else:

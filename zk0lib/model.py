@@ -349,6 +349,9 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
                 },
             },
         )
+    from zk0lib.cache import tokenize_tasks_once
+
+    tokenize_tasks_once(pre)  # the same tokens, computed once per task instead of at every batch
     return PolicyBundle(policy=policy, preprocessor=pre, postprocessor=post, device=device)
 
 

@@ -79,13 +79,22 @@ class _Local:
         self.val_set = None
         self.stream: data.BatchStream | None = None
 
-    def datasets(self, policy_config: Any, video_backend: str | None) -> tuple[Any, Any]:
+    def datasets(self, cfg: ExperimentConfig, policy_config: Any) -> tuple[Any, Any]:
         if self.train_set is None:
-            self.train_set = data.open_dataset(self.data, self.data.train_episodes, policy_config, video_backend)
-            self.heldout_set = data.open_dataset(self.data, self.data.heldout_episodes, policy_config, video_backend)
+            self.train_set = data.open_for(cfg, self.data, self.data.train_episodes, policy_config)
+            self.heldout_set = data.open_for(cfg, self.data, self.data.heldout_episodes, policy_config)
             if self.data.val_episodes:
-                self.val_set = data.open_dataset(self.data, self.data.val_episodes, policy_config, video_backend)
+                self.val_set = data.open_for(cfg, self.data, self.data.val_episodes, policy_config)
         return self.train_set, self.heldout_set
+
+    def embed_training_frames(self, cfg: ExperimentConfig, bundle: model.PolicyBundle) -> None:
+        """With data.cache=features, train on the frozen image embeddings (computed once per dataset)."""
+        embedded = data.embedded_for(cfg, self.train_set, bundle)
+        if embedded is not self.train_set:
+            self.train_set = embedded
+            if self.stream is not None:  # a stream over the frames: none is started with features, but be sure
+                self.stream.close()
+                self.stream = None
 
     def train_stream(self, cfg: ExperimentConfig) -> data.BatchStream:
         """This client's batch stream; the only live one in the process: a Ray actor serves many clients in
@@ -153,8 +162,10 @@ def client_describe(msg: Message, context: Context) -> Message:
         }
     )
     first_round = int(msg.content["config"].get("first-round", 0))
-    if first_round and not checked.errors:  # start-up work, done while the server builds its policy
-        local.datasets(model.policy_config(cfg, model.resolve_device(cfg.model.device)), cfg.data.video_backend)
+    if first_round and not checked.errors and cfg.data.cache != "features":  # start-up work, done while the
+        local.datasets(
+            cfg, model.policy_config(cfg, model.resolve_device(cfg.model.device))
+        )  # server builds its policy
         local.prefetch_round(cfg, first_round)
     return Message(RecordDict({"info": info, "stats": stats_to_record(meta.stats)}), reply_to=msg)
 
@@ -177,7 +188,8 @@ def client_train(msg: Message, context: Context) -> Message:
     conf = msg.content["config"]
     server_round = int(conf["server-round"])
     bundle = _client_bundle(cfg, local, msg)
-    local.datasets(bundle.config, cfg.data.video_backend)
+    local.datasets(cfg, bundle.config)
+    local.embed_training_frames(cfg, bundle)
     t_decode = time.perf_counter()
     received = decode_arrays(msg.content["arrays"])
     model.set_trainable(bundle.policy, received)
@@ -214,7 +226,7 @@ def client_evaluate(msg: Message, context: Context) -> Message:
     partition_id = partition_of(context, cfg)
     local = _local(cfg, partition_id)
     bundle = _client_bundle(cfg, local, msg)
-    _, heldout = local.datasets(bundle.config, cfg.data.video_backend)
+    _, heldout = local.datasets(cfg, bundle.config)
     model.set_trainable(bundle.policy, decode_arrays(msg.content["arrays"]))
     result = evaluation.evaluate(bundle, heldout, cfg)
     if local.val_set is not None:  # the loss on the validation episodes chooses the best round
