@@ -26,3 +26,17 @@ def test_dataloader_decodes_and_consumes_real_batches():
     assert set(result["consumed_samples_per_second"]) == {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
     assert all(rate > 0 for rate in result["consumed_samples_per_second"].values())
     assert "| cpu |" in bench.dataloader_markdown(result)
+
+
+def test_train_bench_times_a_steps_parts_per_cache_and_batch_size():
+    result = bench.bench_train("smoke", batch_sizes=(2, 4), caches=("none", "features"), steps=2)
+    rows = result["rows"]
+    assert [(r["cache"], r["batch_size"]) for r in rows] == [("none", 2), ("none", 4), ("features", 2), ("features", 4)]
+    for r in rows:
+        assert r["samples_per_second"] > 0 and 0 <= r["waiting_for_data_fraction"] <= 1
+        parts = ("item", "collate", "processor", "forward", "backward", "optimizer")
+        assert all(r[f"{p}_ms"] > 0 for p in parts), r
+        assert math.isclose(r["compute_ms"], sum(r[f"{p}_ms"] for p in parts[2:]))
+    assert result["best"]["samples_per_second"] == max(r["samples_per_second"] for r in rows)
+    table = bench.train_markdown(result)
+    assert "| features | 4 |" in table and "best: cache" in table
