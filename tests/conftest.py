@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def torchcodec() -> None:
+    """For tests of torchcodec's own behaviour: one clear line when it cannot load here."""
+    problem = env.torchcodec_problem()
+    if problem:
+        pytest.fail(
+            f"torchcodec cannot load ({problem}): install FFmpeg's libraries (apt-get install ffmpeg; "
+            "`make install` and .ci/run do it as root)",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(scope="session")
 def home() -> Path:
     return zk0_home()
 

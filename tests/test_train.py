@@ -168,7 +168,8 @@ def corrupted_client(clients, tmp_path):
     )
 
 
-def test_undecodable_batches_are_skipped_and_counted(fresh_bundle, smoke_cfg, corrupted_client):
+def test_undecodable_batches_are_skipped_and_counted(fresh_bundle, smoke_cfg, corrupted_client, torchcodec):
+    """With torchcodec (its error message is matched below)."""
     dataset = data.open_dataset(corrupted_client, corrupted_client.train_episodes, fresh_bundle.config, None)
     cfg = copy.deepcopy(smoke_cfg)
     cfg.train.local_steps, cfg.train.batch_size, cfg.train.max_skipped_fraction = 8, 2, 0.9
@@ -277,7 +278,7 @@ class _DecoderCacheSize(torch.utils.data.Dataset):
         return before
 
 
-def test_loader_workers_do_not_share_the_parents_open_video_files(train_set):
+def test_loader_workers_do_not_share_the_parents_open_video_files(train_set, torchcodec):
     """Forked workers that read through the parent's cached decoders share its file offsets: random
     'Could not push packet to decoder' errors. Each worker starts with a decoder cache of its own."""
     from lerobot.datasets import video_utils

@@ -114,6 +114,10 @@ def open_dataset(
     from lerobot.datasets.factory import resolve_delta_timestamps
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
+    from zk0lib.env import warn_if_no_torchcodec
+
+    if video_backend in (None, "torchcodec"):
+        warn_if_no_torchcodec()
     ds = LeRobotDataset(
         data.repo_id,
         root=data.root,

@@ -41,6 +41,34 @@ def quiet() -> None:
         pass
 
 
+_TORCHCODEC: dict[str, str | None] = {}
+
+
+def torchcodec_problem() -> str | None:
+    """Why torchcodec cannot decode videos in this process (None when it can); looked up once. It loads
+    the system's FFmpeg libraries; without them lerobot falls back to PyAV (slower) with no word from us."""
+    if "problem" not in _TORCHCODEC:
+        try:
+            import torchcodec.decoders  # noqa: F401 - loads libtorchcodec_core*, which links FFmpeg
+
+            _TORCHCODEC["problem"] = None
+        except Exception as e:  # noqa: BLE001 - OSError, RuntimeError or ImportError depending on what is missing
+            _TORCHCODEC["problem"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+    return _TORCHCODEC["problem"]
+
+
+def warn_if_no_torchcodec() -> None:
+    """One line on stderr, once per process, when videos will be decoded by PyAV instead of torchcodec."""
+    problem = torchcodec_problem()
+    if problem and not _TORCHCODEC.get("warned"):
+        _TORCHCODEC["warned"] = "yes"
+        print(
+            f"zk0: warning: torchcodec cannot load ({problem}); lerobot decodes videos with PyAV instead (slower). "
+            "Install FFmpeg's shared libraries (Debian/Ubuntu: apt-get install ffmpeg; `make install` does it as root).",
+            file=sys.stderr,
+        )
+
+
 def needs_hub(cfg: ExperimentConfig) -> bool:
     """Whether anything in the config must come from the Hugging Face Hub."""
     pretrained = resolve_pretrained(cfg.model.pretrained)

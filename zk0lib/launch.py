@@ -58,6 +58,8 @@ def prepare(cfg: ExperimentConfig, progress: Callable[[str], None] | None = None
             raise FederatedRunError(
                 "fl.client_num_gpus > 0 but no CUDA GPU is visible: use --set fl.client_num_gpus=0 --set model.device=cpu"
             )
+    if cfg.data.video_backend in (None, "torchcodec"):
+        env.warn_if_no_torchcodec()
     entries = [(f"data.clients.{i}", c) for i, c in enumerate(cfg.data.clients)]
     entries += [(f"data.eval_only.{i}", c) for i, c in enumerate(cfg.data.eval_only)]
     for key, client in entries:
