@@ -4,7 +4,9 @@ the state: four extra numbers in the padding SmolVLA gives every state (max_stat
 here. If that policy succeeds in closed loop, the action side (chunking, flow matching, the budget)
 works and the images are the one thing a policy cannot read; if it fails, vision is not the only gap.
 
-    python probes/aim/oracle_state.py STEPS EPISODES_PER_LAB [oracle|none]
+    python probes/aim/oracle_state.py STEPS EPISODES_PER_LAB [oracle|none] [KEY=VALUE ...]
+
+KEY=VALUE are config overrides of the demo preset, e.g. model.chunk_size=50 model.n_action_steps=50.
 """
 
 import json
@@ -69,7 +71,7 @@ def main():
     set_hub_offline()
     steps, episodes, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     use = 1.0 if mode == "oracle" else 0.0
-    cfg = load_config("demo")
+    cfg = load_config("demo", sys.argv[4:])
     cache = cfg.cache_dir
     clients = [data.open_client(cfg, i) for i in range(len(cfg.data.clients))]
     bundle = model.build_policy(cfg, clients[0].meta, data.pooled_stats([c.meta for c in clients]))
@@ -101,7 +103,7 @@ def main():
         def __getitem__(self, i):
             return pool[i] | {"lab": lab_of[i]}
 
-    stream = data.batch_stream(Tagged(), 8, 1, 3)
+    stream = data.batch_stream(Tagged(), cfg.train.batch_size, 1, 3)
     optimizer, scheduler = train.make_optimizer(bundle.policy, steps, 0, 0)
     params = [p for _, p in model.trainable_parameters(bundle.policy)]
     table = [torch.from_numpy(s) for s in starts]
