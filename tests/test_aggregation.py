@@ -205,7 +205,7 @@ def test_a_process_keeps_one_live_batch_stream(smoke_cfg):
     pc = model.policy_config(cfg, torch.device("cpu"))
     first, second = client_app._local(cfg, 0), client_app._local(cfg, 1)
     for local in (first, second):
-        local.datasets(pc, None)
+        local.datasets(cfg, pc)
     me = psutil.Process()
     before = len(me.children())
     next(first.train_stream(cfg).batches(1))

@@ -87,7 +87,7 @@ def test_global_weights_are_the_aggregate_of_the_accepted_updates(faulty_run, ho
     theirs, so nothing of the rejected or failed updates reached the global model."""
     cfg = RunRecord(home / "reports" / "runs" / "faulty").config()
     bundle = model.build_policy(smoke_cfg, clients[0].meta, stats)
-    sets = [data.open_dataset(c, c.train_episodes, bundle.config, None) for c in clients]
+    sets = [data.embedded_for(cfg, data.open_for(cfg, c, c.train_episodes, bundle.config), bundle) for c in clients]
     streams = [data.BatchStream(ds, cfg.train.batch_size, cfg.train.num_workers) for ds in sets]
     for rnd, pid in ((1, 1), (2, 0), (3, 1), (4, 0)):
         train.train_round(bundle, streams[pid], cfg, rnd, pid, cfg.fl.proximal_mu)
