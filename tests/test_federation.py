@@ -211,7 +211,7 @@ def test_wandb_round_metrics_are_client_prefixed():
 
 def test_eight_clients_on_two_actors_keep_one_stream_each(zk0_cli, home):
     """Issue 14 item 7: a Ray actor serves many clients in turn; it must not keep every client's data
-    loader (worker processes, prefetched batches) alive. Eight clients on two actors, four rounds: each
+    loader (worker processes, prefetched batches) alive. Eight clients on two actors, three rounds: each
     actor has at most one client's loader workers at any time and its memory stays flat across rounds."""
     clients = [
         {"name": f"many-{i}", "repo_id": f"zk0/synthetic-many-{i}", "source": "synthetic", "variant": i % 3}
@@ -226,7 +226,7 @@ def test_eight_clients_on_two_actors_keep_one_stream_each(zk0_cli, home):
         "--set",
         f"data.clients={json.dumps(clients)}",
         "--set",
-        "fl.num_rounds=4",
+        "fl.num_rounds=3",
         "--set",
         "fl.client_num_cpus=1",
         "--set",
@@ -234,7 +234,7 @@ def test_eight_clients_on_two_actors_keep_one_stream_each(zk0_cli, home):
         "--set",
         "train.num_workers=2",
         "--set",
-        "eval.every=4",
+        "eval.every=3",
         "--set",
         "eval.max_frames=8",
         "--set",

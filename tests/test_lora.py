@@ -4,6 +4,7 @@ import copy
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -132,19 +133,31 @@ def test_federated_lora_exchanges_only_adapters(zk0_cli, home, clients, stats):
         np.testing.assert_allclose(v.numpy(), merged[k].numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_a_killed_lora_run_resumes_to_the_uninterrupted_result(zk0_cli, home):
-    """kill -9 after round 1 of the LoRA + FedAdam run, then --resume: the adapters and FedAdam's moments
-    come back from the resume state, and the run ends where the uninterrupted one did."""
+def test_a_killed_run_resumes_to_the_uninterrupted_result(zk0_cli, home):
+    """kill -9 (zk0, SuperLink, simulation, Ray) after round 1 of the LoRA + FedAdam + bf16 run, then
+    --resume: the adapters, FedAdam's moments and the RNG states come back from the resume state, the run
+    ends where the uninterrupted one did, no Flower process is left, and a completed run is not resumed.
+    (The one kill-and-resume test: a plain run's resume is the same code with other trainable weights.)"""
     from test_faults import kill_after_round_1  # tests/ is on sys.path
+    from test_federation import _alive_flower_processes
 
     reference = RunRecord(home / "reports" / "runs" / "e2e-lora")
     if not (reference.path / "summary.json").exists():
         assert zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-lora", *LORA_RUN).returncode == 0
+    t0 = time.time()
     run = kill_after_round_1(home, "killed-lora", *LORA_RUN)
+    time.sleep(1)
+    assert run.summary()["status"] == "running"
     out = zk0_cli("train", "--resume", str(run.path))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert [r["round"] for r in run.rounds()] == [0, 1, 2]
+    assert "resuming run killed-lora after round 1" in out.stdout
+    assert [r["round"] for r in run.rounds()] == [0, 1, 2]  # no gap, no duplicate
     summary, ref = run.summary(), reference.summary()
     assert summary["status"] == "completed" and summary["resumed"][0]["after_round"] == 1
     assert summary["final"]["loss"] == pytest.approx(ref["final"]["loss"], abs=1e-6)
     assert summary["final"]["action_mae"] == pytest.approx(ref["final"]["action_mae"], abs=1e-6)
+    assert summary["totals"]["train_samples"] == ref["totals"]["train_samples"]
+    assert _alive_flower_processes(t0) == []
+
+    again = zk0_cli("train", "--resume", str(run.path))
+    assert again.returncode == 1 and "already completed" in again.stderr
