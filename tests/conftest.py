@@ -1,5 +1,7 @@
 """Fixtures: real components at tiny scale (the session's homes are set in the root conftest.py)."""
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,24 @@ def smoke_run(home, zk0_cli):
     t0 = time.time()
     out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-smoke")
     return out, time.time() - t0, t0
+
+
+@pytest.fixture
+def corrupted_client(clients, tmp_path):
+    """A copy of client 0 with 3 kB of garbage in the middle of its front-camera video."""
+    root = tmp_path / "corrupt"
+    shutil.copytree(clients[0].root, root)
+    video = next((root / "videos" / "observation.images.front").rglob("*.mp4"))
+    raw = bytearray(video.read_bytes())
+    start = int(len(raw) * 0.3)
+    raw[start : start + 3000] = os.urandom(3000)
+    video.write_bytes(bytes(raw))
+    return data.ClientData(
+        0,
+        "corrupt",
+        clients[0].repo_id,
+        root,
+        data.load_metadata(clients[0].repo_id, root),
+        clients[0].train_episodes,
+        clients[0].heldout_episodes,
+    )

@@ -2,8 +2,6 @@
 cached paths give lerobot's items and batches, and the same loss, as decoding the videos does."""
 
 import copy
-import os
-import shutil
 
 import numpy as np
 import pytest
@@ -80,18 +78,10 @@ def test_features_are_refused_while_the_vision_path_trains(cached_cfg, clients, 
         load_config("smoke", {"data.cache": "pixels"})
 
 
-def test_an_undecodable_episode_is_marked_and_its_items_skipped(clients, session_bundle, tmp_path):
+def test_an_undecodable_episode_is_marked_and_its_items_skipped(corrupted_client, session_bundle, tmp_path):
     """A corrupt video does not stop the store's build: the episode is recorded as bad and reading one of
     its items fails the way decoding does, so training skips that batch and counts it."""
-    root = tmp_path / "corrupt"
-    shutil.copytree(clients[0].root, root)
-    video = next((root / "videos" / "observation.images.front").rglob("*.mp4"))
-    raw = bytearray(video.read_bytes())
-    start = int(len(raw) * 0.3)
-    raw[start : start + 3000] = os.urandom(3000)
-    video.write_bytes(bytes(raw))
-    client = data.ClientData(0, "corrupt", clients[0].repo_id, root, data.load_metadata(clients[0].repo_id, root),
-                             clients[0].train_episodes, clients[0].heldout_episodes)  # fmt: skip
+    client = corrupted_client
     every = list(range(client.meta.total_episodes))
     ds = data.open_dataset(client, every, session_bundle.config, None, tmp_path / "cache")
     assert ds.store.bad and len(ds.store.bad) < len(every), ds.store.bad  # the broken episode, not all

@@ -1,8 +1,6 @@
 """FedProx step, plain-training equivalence with lerobot, frozen weights, seeded evaluation, bad videos."""
 
 import copy
-import os
-import shutil
 
 import pytest
 import torch
@@ -145,27 +143,6 @@ def test_bootstrap_interval():
     assert evaluation.bootstrap_ci([[5.0]], 100, 0) == [5.0, 5.0]
     lo, hi = evaluation.bootstrap_ci([[0.0, 0.0], [10.0, 10.0]], 200, 0)  # stratified: the mean of client means
     assert lo == hi == 5.0
-
-
-@pytest.fixture
-def corrupted_client(clients, tmp_path):
-    """A copy of client 0 with 3 kB of garbage in the middle of its front-camera video."""
-    root = tmp_path / "corrupt"
-    shutil.copytree(clients[0].root, root)
-    video = next((root / "videos" / "observation.images.front").rglob("*.mp4"))
-    raw = bytearray(video.read_bytes())
-    start = int(len(raw) * 0.3)
-    raw[start : start + 3000] = os.urandom(3000)
-    video.write_bytes(bytes(raw))
-    return data.ClientData(
-        0,
-        "corrupt",
-        clients[0].repo_id,
-        root,
-        data.load_metadata(clients[0].repo_id, root),
-        clients[0].train_episodes,
-        clients[0].heldout_episodes,
-    )
 
 
 def test_undecodable_batches_are_skipped_and_counted(fresh_bundle, smoke_cfg, corrupted_client, torchcodec):
