@@ -1,6 +1,7 @@
 """Simulated SO-101 labs: expert, recording to LeRobot datasets, open-loop replay, closed-loop rollouts."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -101,6 +102,7 @@ def test_recording_is_cached_and_independent_of_workers(recording, cache, tmp_pa
 
     again = record_lab("lab-blue", 3, cache, image_size=IMAGE, seed=0, workers=2)
     assert again.root == recording.root and again.seconds == recording.seconds  # read from the cache
+    shutil.copytree(cache / "sim", tmp_path / "sim")  # the lab's scene and decimated meshes, not its recording
     single = record_lab("lab-blue", 3, tmp_path, image_size=IMAGE, seed=0, workers=1)
     a = LeRobotDataset("zk0/lab-blue", root=recording.root).hf_dataset
     b = LeRobotDataset("zk0/lab-blue", root=single.root).hf_dataset
