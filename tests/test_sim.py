@@ -97,6 +97,59 @@ def test_tiny_smolvla_leaves_the_environment_state_out(recording, smoke_cfg, sta
     assert "observation.state" in bundle.policy.config.input_features
 
 
+def test_smolvla_told_the_answer_reads_the_environment_state_through_its_state(
+    recording, cache, smoke_cfg, stats, tmp_path
+):
+    """model.environment_state (ladder rung 1): the cube's and target's positions, normalized with the
+    federation's stats, follow the joints in the state SmolVLA reads, in training batches and in the
+    rollout's observations; the saved policy reloads with the step; datasets without it are refused."""
+    import dataclasses
+
+    import torch
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from zk0lib import data, model
+    from zk0lib.data import load_metadata
+
+    meta = load_metadata("zk0/lab-blue", recording.root)
+    all_stats = {**stats, **{k: v for k, v in meta.stats.items() if k not in stats}}
+    cfg = dataclasses.replace(smoke_cfg, model=dataclasses.replace(smoke_cfg.model, environment_state=True))
+    bundle = model.build_policy(cfg, meta, all_stats)
+    assert "observation.environment_state" in bundle.policy.config.input_features
+
+    chunk = {"action": [i / meta.fps for i in range(cfg.model.chunk_size)]}
+    item = LeRobotDataset("zk0/lab-blue", root=recording.root, delta_timestamps=chunk)[5]
+    batch = bundle.preprocessor(torch.utils.data.default_collate([item]))
+    env_stats = all_stats["observation.environment_state"]
+    expected = (item["observation.environment_state"] - torch.as_tensor(env_stats["mean"])) / (
+        torch.as_tensor(env_stats["std"]) + 1e-8
+    )
+    assert batch["observation.state"].shape == (1, 12)
+    torch.testing.assert_close(batch["observation.state"][0, 6:], expected.float(), atol=1e-4, rtol=1e-4)
+    plain = model.build_policy(smoke_cfg, meta, all_stats).preprocessor(torch.utils.data.default_collate([item]))
+    torch.testing.assert_close(batch["observation.state"][:, :6], plain["observation.state"])
+    loss, _ = bundle.policy.forward(batch)
+    assert torch.isfinite(loss)
+
+    model.save_policy(bundle, tmp_path / "told")
+    again = model.load_policy(tmp_path / "told")
+    obs = {
+        "observation.state": item["observation.state"][None],
+        "observation.environment_state": item["observation.environment_state"][None],
+        **{k: v[None] for k, v in item.items() if k.startswith("observation.images.") and not k.endswith("_is_pad")},
+        "task": [item["task"]],
+    }
+    action = again.postprocessor(again.policy.select_action(again.preprocessor(obs)))
+    assert action.shape == (1, 6) and torch.isfinite(action).all()
+    with pytest.raises(ValueError, match="observation.environment_state"):
+        again.preprocessor({k: v for k, v in obs.items() if k != "observation.environment_state"})
+    r = rollout(again.policy, (again.preprocessor, again.postprocessor), "lab-blue", 1, 0, IMAGE, cache, 15)
+    assert r["summary"]["episodes"] == 1  # the rollout's observations carry what the step needs
+
+    with pytest.raises(ValueError, match="only sim recordings carry it"):
+        model.build_policy(cfg, data.open_client(smoke_cfg, 0).meta, stats)  # the smoke preset's synthetic data
+
+
 def test_recording_is_cached_and_independent_of_workers(recording, cache, tmp_path):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 

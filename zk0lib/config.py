@@ -170,6 +170,9 @@ class ModelConfig:
     train_expert_only: bool = True
     train_state_proj: bool = True
     init_seed: int = 0  # random init of the tiny model (identical in every process)
+    # "told the answer" (the closed-loop ladder's rung 1): the recording's observation.environment_state
+    # (cube and target positions, sim datasets only), normalized and appended to the state SmolVLA reads
+    environment_state: bool = False
     peft: PeftSettings = field(default_factory=PeftSettings)
 
     def problems(self, cfg: ExperimentConfig) -> list[str]:

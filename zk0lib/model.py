@@ -314,6 +314,8 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
         torch.manual_seed(cfg.model.init_seed)
     else:
         _check_cameras(pc, features, cfg)
+    if cfg.model.environment_state:
+        _read_environment_state(pc, features)
     try:
         policy = make_policy(pc, ds_meta=ds_meta, rename_map=rename or None)
     except (OSError, ValueError) as e:
@@ -349,10 +351,40 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
                 },
             },
         )
+    if cfg.model.environment_state:
+        from lerobot.processor import NormalizerProcessorStep
+
+        from zk0lib.steps import EnvironmentStateIntoState
+
+        at = next(i for i, s in enumerate(pre.steps) if isinstance(s, NormalizerProcessorStep))
+        pre.steps.insert(at + 1, EnvironmentStateIntoState())
     from zk0lib.cache import tokenize_tasks_once
 
     tokenize_tasks_once(pre)  # the same tokens, computed once per task instead of at every batch
     return PolicyBundle(policy=policy, preprocessor=pre, postprocessor=post, device=device)
+
+
+def _read_environment_state(pc: Any, features: dict) -> None:
+    """model.environment_state: the policy takes the dataset's environment state as an input, normalized
+    (mean/std) and appended to its state by zk0lib.steps (SmolVLA pads the state to max_state_dim)."""
+    from lerobot.configs.types import FeatureType, NormalizationMode
+    from lerobot.utils.constants import OBS_ENV_STATE, OBS_STATE
+
+    env = features.get(OBS_ENV_STATE)
+    if env is None:
+        raise ValueError(
+            f"model.environment_state=true needs {OBS_ENV_STATE} in every dataset, and this one has "
+            f"{sorted(features)}: only sim recordings carry it (`zk0 sim record`, recorder version >= 2); "
+            "set model.environment_state=false for camera datasets"
+        )
+    size = pc.input_features[OBS_STATE].shape[0] + env.shape[0]
+    if size > pc.max_state_dim:
+        raise ValueError(
+            f"model.environment_state: the state with the environment state has {size} numbers, more than the "
+            f"policy's max_state_dim={pc.max_state_dim}"
+        )
+    pc.input_features = {**pc.input_features, OBS_ENV_STATE: env}
+    pc.normalization_mapping = {**pc.normalization_mapping, FeatureType.ENV.value: NormalizationMode.MEAN_STD}
 
 
 def _check_cameras(pc: Any, features: dict, cfg: ExperimentConfig) -> None:
@@ -479,6 +511,8 @@ def load_policy(path: str | Path, device: str = "cpu") -> PolicyBundle:
     """Reload a saved policy folder with lerobot (installing the tiny VLM first if it is named)."""
     from lerobot.policies.factory import make_pre_post_processors
     from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy
+
+    import zk0lib.steps  # noqa: F401  (registers zk0's processor steps, which a saved preprocessor may name)
 
     path = Path(path)
     _install_tiny_vlm_if_named(path)
