@@ -181,8 +181,14 @@ def test_skipped_batches_are_counted_as_batches_with_their_items_named(fresh_bun
         yield from stream
 
     stream = one_bad_batch_then(_stream(train_set, cfg).batches(0))
-    metrics = train.train_steps(fresh_bundle, stream, *train.make_optimizer(fresh_bundle.policy, 8, 0), 8, cfg)
+    lines = []  # a long round's progress lines (here one after every step but the last)
+    opt = train.make_optimizer(fresh_bundle.policy, 8, 0)
+    metrics = train.train_steps(
+        fresh_bundle, stream, *opt, 8, cfg, label="r1", progress=lines.append, progress_every_s=0
+    )
     assert (metrics["steps"], metrics["skipped_batches"], metrics["skipped_items"]) == (8, 1, 3)
+    assert [line.split(",")[0] for line in lines] == [f"r1: step {k}/8" for k in range(1, 8)]
+    assert all("samples/s" in line and "min left" in line for line in lines)
 
 
 def test_the_t_interval_keeps_its_coverage_where_a_percentile_bootstrap_does_not():

@@ -143,6 +143,7 @@ def run_centralized(
                 b["centralized_steps_per_round"][server_round - 1],
                 cfg,
                 label=f"centralized, round {server_round}",
+                progress=progress,
             )
             train_seconds = time.perf_counter() - t0
             record = base.book.train_record(server_round, {"centralized": metrics})
@@ -194,6 +195,7 @@ def run_local_only(
                     b["local_steps_per_round"],
                     cfg,
                     label=f"local-only {name}, round {server_round}",
+                    progress=progress,
                 ) | {"partition-id": i}
                 weights[i] = {k: v.clone() for k, v in model.get_trainable(policy).items()}
             train_seconds = time.perf_counter() - t0

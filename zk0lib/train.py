@@ -6,6 +6,7 @@ import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -139,10 +140,14 @@ def train_steps(
     cfg: ExperimentConfig,
     mu: float = 0.0,
     label: str = "",
+    progress: Callable[[str], None] | None = None,
+    progress_every_s: float = 60.0,
 ) -> dict[str, float]:
     """`steps` optimizer steps on batches from `stream`, with the FedProx term around the weights the
-    policy holds when called (none when mu == 0); returns the metrics of these steps."""
+    policy holds when called (none when mu == 0); returns the metrics of these steps. With `progress`,
+    a line about every `progress_every_s` seconds (step, recent loss, samples/s) for long rounds."""
     t0 = time.perf_counter()
+    next_line = t0 + progress_every_s
     policy = bundle.policy
     params = [p for _, p in trainable_parameters(policy)]
     start_params = [p.detach().clone() for p in params]
@@ -178,6 +183,13 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         proxes.append(prox.item())
+        if progress is not None and time.perf_counter() >= next_line and len(losses) < steps:
+            elapsed = time.perf_counter() - t0
+            progress(
+                f"{label}: step {len(losses)}/{steps}, loss {np.mean(losses[-100:]):.4f} (last 100), "
+                f"{samples / elapsed:.0f} samples/s, {elapsed * (steps - len(losses)) / len(losses) / 60:.1f} min left"
+            )
+            next_line += progress_every_s
     with torch.no_grad():
         update_norm = math.sqrt(sum(float(((p - g) ** 2).sum()) for p, g in zip(params, start_params, strict=True)))
     return {
