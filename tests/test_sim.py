@@ -8,8 +8,10 @@ import sys
 import numpy as np
 import pytest
 
+from zk0lib.config import ConfigError, load_config
 from zk0lib.sim.labs import CLIENT_LABS, LABS, UNSEEN_LAB
 from zk0lib.sim.record import RECORD_INFO, check_expert, record_lab, replay_success
+from zk0lib.sim.reference import inference_variants
 from zk0lib.sim.rollout import HoldStillPolicy, ScriptedExpertPolicy, rollout, wilson_interval
 
 IMAGE = 64
@@ -145,6 +147,32 @@ def test_smolvla_told_the_answer_reads_the_environment_state_through_its_state(
         again.preprocessor({k: v for k, v in obs.items() if k != "observation.environment_state"})
     r = rollout(again.policy, (again.preprocessor, again.postprocessor), "lab-blue", 1, 0, IMAGE, cache, 15)
     assert r["summary"]["episodes"] == 1  # the rollout's observations carry what the step needs
+
+    # zk0 sim variants: the saved policy under other inference settings, on the runs' rollout seeds
+    lab = json.dumps([{"name": "lab-blue", "source": "sim", "lab": "lab-blue"}])
+    demo = load_config(
+        "demo",
+        [
+            f"data.clients={lab}",
+            f"output.data_cache={cache}",
+            f"data.sim_image_size={IMAGE}",
+            "eval.rollout_max_frames=15",
+        ],
+    )
+    chunk = again.policy.config.chunk_size
+    variants = [{}, {"n_action_steps": 1, "denoise_steps": 2}]
+    record = inference_variants(demo, tmp_path / "told", variants, 1, tmp_path / "variants", log=lambda _: None)
+    saved, played = record["rows"]
+    assert record["labs"] == ["lab-blue", "lab-unseen"] and saved["closed_loop"]["pooled"]["episodes"] == 1
+    assert (saved["n_action_steps"], saved["denoise_steps"]) == (cfg.model.n_action_steps, cfg.model.num_denoise_steps)
+    assert (played["n_action_steps"], played["denoise_steps"]) == (1, 2)
+    blue = saved["closed_loop"]["labs"]["lab-blue"]
+    for key in ("stage_counts", "mean_frames", "success_rate"):  # the saved settings reproduce a plain rollout
+        assert blue[key] == r["summary"][key], key
+    assert json.loads((tmp_path / "variants" / "variants.json").read_text())["rows"][1]["n_action_steps"] == 1
+    assert "play 1 of" in (tmp_path / "variants" / "variants.md").read_text()
+    with pytest.raises(ConfigError, match=f"chunks of {chunk} frames"):
+        inference_variants(demo, tmp_path / "told", [{"n_action_steps": chunk + 1}], 1, tmp_path / "v2")
 
     with pytest.raises(ValueError, match="only sim recordings carry it"):
         model.build_policy(cfg, data.open_client(smoke_cfg, 0).meta, stats)  # the smoke preset's synthetic data

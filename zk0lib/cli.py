@@ -235,6 +235,44 @@ def cmd_sim_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str, flag: str) -> list[int | None]:
+    """'10,5' -> [10, 5]; '' -> [None] (keep the saved value)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()] or [None]
+    except ValueError as e:
+        raise ConfigError(f"{flag} {text!r}: give whole numbers separated by commas, e.g. {flag} 10,5") from e
+
+
+def cmd_sim_variants(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib.env import quiet
+    from zk0lib.sim.reference import inference_variants
+
+    quiet()
+    cfg = _config(args)
+    folder = Path(args.policy)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--policy {folder}: no saved policy there (a folder with config.json and model.safetensors)"
+        )
+    variants = [
+        {"n_action_steps": n, "denoise_steps": k}
+        for n in _int_list(args.n_action_steps, "--n-action-steps")
+        for k in _int_list(args.denoise_steps, "--denoise-steps")
+    ]
+    out = Path(args.out) if args.out else folder.parent / "closed-loop-variants"
+    episodes = args.episodes or cfg.eval.rollout_episodes
+    if episodes < 1:
+        raise ConfigError("--episodes: at least one closed-loop episode per lab")
+    t0 = time.perf_counter()
+    command = "zk0 " + " ".join(args.argv)
+    inference_variants(cfg, folder, variants, episodes, out, args.device, command, _indented)
+    print((out / "variants.md").read_text())
+    print(f"zk0 sim variants: {(time.perf_counter() - t0) / 60:.1f} min -> {out}/variants.json, variants.md")
+    return 0
+
+
 def cmd_sim_reference(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -565,6 +603,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="leave out the expert and hold-still rows")
     p.add_argument("--out", help="default: reports/reference/<preset>")
     p.set_defaults(func=cmd_sim_reference)
+    p = with_config(
+        sim.add_parser(
+            "variants",
+            help="a saved policy in every client lab and lab-unseen of the preset, once per inference setting "
+            "(frames played per chunk, denoising steps), on the runs' own rollout seeds",
+        )
+    )
+    p.add_argument(
+        "--policy", required=True, help="a saved policy folder, e.g. reports/runs/<run-id>/checkpoints/final"
+    )
+    p.add_argument("--n-action-steps", default="", help="frames of a chunk played before predicting again, e.g. 10,5")
+    p.add_argument("--denoise-steps", default="", help="Euler steps from noise, e.g. 5,10 (default: the saved value)")
+    p.add_argument("--episodes", type=int, help="closed-loop episodes per lab (default: eval.rollout_episodes)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="default: the policy folder's sibling closed-loop-variants/")
+    p.set_defaults(func=cmd_sim_variants)
     return parser
 
 

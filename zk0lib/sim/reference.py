@@ -253,17 +253,31 @@ def chunk_error(policy: ReferencePolicy, frames: Frames, seed: int = 0) -> list[
 # ----------------------------------------------------------------------------- the calibration table
 
 
-def closed_loop(policy: Any, labs: list[str], episodes: int, seed: int = 0, max_frames: int | None = None) -> dict:
+def closed_loop(
+    policy: Any,
+    labs: list[str],
+    episodes: int,
+    seed: int = 0,
+    max_frames: int | None = None,
+    pooled: list[str] | None = None,
+    **rollout_kwargs: Any,
+) -> dict:
     """`episodes` rollouts per lab on the rollout's own seeds: per-lab summaries and the pooled success of
-    every lab but the unseen one, with its Wilson interval and stages."""
+    the `pooled` labs (default: every lab but the unseen one), with its Wilson interval and stages.
+    `rollout_kwargs` go to `rollout` (processors, image_size, cache_dir, device)."""
     from zk0lib.sim.env import STAGES
     from zk0lib.sim.labs import UNSEEN_LAB
     from zk0lib.sim.rollout import MAX_FRAMES, rollout, wilson_interval
 
+    processors = rollout_kwargs.pop("processors", None)
     per_lab = {}
     for lab in labs:
-        per_lab[lab] = rollout(policy, None, lab, episodes, seed=seed, max_frames=max_frames or MAX_FRAMES)["summary"]
-    clients = [s for lab, s in per_lab.items() if lab != UNSEEN_LAB]
+        result = rollout(
+            policy, processors, lab, episodes, seed=seed, max_frames=max_frames or MAX_FRAMES, **rollout_kwargs
+        )
+        per_lab[lab] = result["summary"]
+    pooled = [lab for lab in labs if lab != UNSEEN_LAB] if pooled is None else pooled
+    clients = [per_lab[lab] for lab in pooled]
     wins = sum(round(s["success_rate"] * s["episodes"]) for s in clients)
     n = sum(s["episodes"] for s in clients)
     stages = {st: sum(s["stage_counts"][st] for s in clients) for st in STAGES}
@@ -384,4 +398,83 @@ def calibrate(
         loop = closed_loop(policy, labs, episodes, cfg.seed, max_frames)
         row = {"name": f"reference {spec.label}", "spec": spec_dict(spec), "train": fit, "chunk_error": error}
         add(row | {"heldout_frames": len(held.state), "closed_loop": loop, "seconds": time.perf_counter() - t0})
+    return record
+
+
+def inference_variants(
+    cfg: Any,
+    folder: Any,
+    variants: list[dict[str, int | None]],
+    episodes: int,
+    out: Any,
+    device: str = "cpu",
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """A saved SmolVLA policy rolled out in every client lab and lab-unseen of the preset, once per
+    inference variant (`n_action_steps`: frames of a chunk played before predicting again; `denoise_steps`:
+    Euler steps from noise; None keeps the saved value). Same seeds, image size and episode length as the
+    runs' own closed-loop evaluation, so the saved settings reproduce a run's final rollout. Written to
+    out/variants.json and .md after every row."""
+    import json
+    from pathlib import Path
+
+    from zk0lib.config import ConfigError
+    from zk0lib.model import load_policy
+    from zk0lib.runs import atomic_write_text
+
+    bundle = load_policy(folder, device)
+    policy = bundle.policy
+    saved = {"n_action_steps": policy.config.n_action_steps, "denoise_steps": policy.config.num_steps}
+    for v in variants:
+        n, k = v.get("n_action_steps"), v.get("denoise_steps")
+        if n is not None and not 1 <= n <= policy.config.chunk_size:
+            raise ConfigError(
+                f"n_action_steps={n}: the policy in {folder} predicts chunks of {policy.config.chunk_size} frames; "
+                f"play between 1 and {policy.config.chunk_size} of them"
+            )
+        if k is not None and k < 1:
+            raise ConfigError(f"denoise_steps={k}: at least one Euler step is needed")
+    labs = preset_labs(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record: dict[str, Any] = {
+        "preset": cfg.preset,
+        "policy": str(folder),
+        "saved": saved,
+        "labs": labs,
+        "episodes_per_lab": episodes,
+        "command": command,
+        "rows": [],
+    }
+    try:
+        for v in variants:
+            n = v.get("n_action_steps") or saved["n_action_steps"]
+            k = v.get("denoise_steps") or saved["denoise_steps"]
+            policy.config.n_action_steps, policy.config.num_steps = n, k  # both read at use; reset() resizes the queue
+            name = f"play {n} of {policy.config.chunk_size}, {k} denoising steps"
+            log(f"{name}: {episodes} episodes in each of {', '.join(labs)}")
+            t0 = time.perf_counter()
+            loop = closed_loop(
+                policy,
+                labs,
+                episodes,
+                cfg.eval.seed,
+                cfg.eval.rollout_max_frames,
+                processors=(bundle.preprocessor, bundle.postprocessor),
+                image_size=cfg.data.sim_image_size,
+                cache_dir=cfg.cache_dir,
+                device=bundle.device,
+            )
+            seconds = time.perf_counter() - t0
+            record["rows"].append(
+                {"name": name, "n_action_steps": n, "denoise_steps": k, "closed_loop": loop, "seconds": seconds}
+            )
+            atomic_write_text(out / "variants.json", json.dumps(record, indent=2))
+            atomic_write_text(out / "variants.md", reference_table(record["rows"]))
+            p = loop["pooled"]
+            lo, hi = p["success_ci"]
+            log(f"  client labs {p['successes']}/{p['episodes']} [{lo:.0%}, {hi:.0%}] ({seconds / 60:.1f} min)")
+    finally:
+        policy.config.n_action_steps, policy.config.num_steps = saved["n_action_steps"], saved["denoise_steps"]
     return record
