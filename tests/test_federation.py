@@ -136,6 +136,9 @@ def test_smoke_train_completes_with_complete_records(smoke_run, home):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "round 2/2" in out.stdout and "run directory:" in out.stdout
     run = RunRecord(home / "reports" / "runs" / "e2e-smoke")
+    steps = run.config().train.local_steps
+    for name in ("synth-0", "synth-1"):  # each client's progress inside a round reaches the terminal, through Ray
+        assert f"client {name} in round 2: step {steps - 1}/{steps}, loss" in out.stdout, out.stdout[-3000:]
     summary = run.summary()
     assert summary["status"] == "completed" and summary["rounds_completed"] == 2
     rounds = run.rounds()

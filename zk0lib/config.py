@@ -212,6 +212,7 @@ class TrainConfig:
     num_workers: int = 2
     amp: bool = True  # bf16 autocast, CUDA only
     max_skipped_fraction: float = 0.2  # undecodable batches tolerated before a client fails
+    progress_every_s: float = 60.0  # a progress line about this often inside a long round (0: every step)
 
     def problems(self, cfg: ExperimentConfig) -> list[str]:
         """What is wrong with the train section."""
@@ -226,6 +227,7 @@ class TrainConfig:
             f"train.grad_clip_norm must be > 0 (got {t.grad_clip_norm})",
         )
         p.need(t.num_workers >= 0, f"train.num_workers must be >= 0 (got {t.num_workers})")
+        p.need(t.progress_every_s >= 0, f"train.progress_every_s must be >= 0 seconds (got {t.progress_every_s})")
         p.need(
             0 <= t.max_skipped_fraction < 1,
             f"train.max_skipped_fraction must be in [0, 1) (got {t.max_skipped_fraction})",

@@ -109,10 +109,12 @@ def train_round(
     partition_id: int,
     mu: float,
     client_name: str = "",
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """`train.local_steps` optimizer steps from the current (global) weights; returns the round's metrics.
 
-    `batches` is the client's stream, kept across rounds; the round draws from it with its own seed."""
+    `batches` is the client's stream, kept across rounds; the round draws from it with its own seed. With
+    `progress`, a line about every minute of a long round (see `train_steps`)."""
     steps = cfg.train.local_steps
     optimizer, scheduler = make_optimizer(
         bundle.policy, cfg.fl.num_rounds * steps, (server_round - 1) * steps, cfg.train.warmup_steps
@@ -128,6 +130,7 @@ def train_round(
         cfg,
         mu=mu,
         label=f"client {client_name or partition_id} in round {server_round}",
+        progress=progress,
     )
 
 
@@ -141,12 +144,15 @@ def train_steps(
     mu: float = 0.0,
     label: str = "",
     progress: Callable[[str], None] | None = None,
-    progress_every_s: float = 60.0,
+    progress_every_s: float | None = None,
 ) -> dict[str, float]:
     """`steps` optimizer steps on batches from `stream`, with the FedProx term around the weights the
     policy holds when called (none when mu == 0); returns the metrics of these steps. With `progress`,
-    a line about every `progress_every_s` seconds (step, recent loss, samples/s) for long rounds."""
+    a line about every `progress_every_s` seconds (default train.progress_every_s: step, recent loss,
+    samples/s, time left) for long rounds."""
     t0 = time.perf_counter()
+    if progress_every_s is None:
+        progress_every_s = cfg.train.progress_every_s
     next_line = t0 + progress_every_s
     policy = bundle.policy
     params = [p for _, p in trainable_parameters(policy)]

@@ -195,7 +195,9 @@ def client_train(msg: Message, context: Context) -> Message:
     model.set_trainable(bundle.policy, received)
     t_train = time.perf_counter()
     mu = float(conf.get("proximal-mu", 0.0))  # only FedProx's configure_train sends it
-    metrics = train.train_round(bundle, local.train_stream(cfg), cfg, server_round, partition_id, mu, local.data.name)
+    metrics = train.train_round(
+        bundle, local.train_stream(cfg), cfg, server_round, partition_id, mu, local.data.name, _relay_progress
+    )
     local.prefetch_round(cfg, server_round + 1)  # decoded while the server aggregates and evaluates
     fault = injected_fault(cfg, partition_id, server_round)
     t_encode = time.perf_counter()
@@ -279,3 +281,9 @@ def eval_from_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         elif not key.endswith("-values") and key not in ("partition-id", "num-examples"):
             out[key] = value
     return out
+
+
+def _relay_progress(line: str) -> None:
+    """A long round's progress, marked for the terminal: `zk0 train` relays the stream's [zk0] lines (in the
+    simulation, Ray forwards the client actors' output into it)."""
+    print(f"[zk0] {line}", flush=True)
