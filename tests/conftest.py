@@ -23,6 +23,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.e2e)
 
 
+@pytest.fixture(autouse=True)
+def stays_time_shared():
+    """No test may leave this process on a real-time scheduling policy (SVT-AV1 sets one when it encodes
+    as root, see env.keep_scheduling): everything the process starts after would inherit it."""
+    yield
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        pytest.fail(
+            "this test left the process on a real-time scheduling policy (an encoder outside env.keep_scheduling?)",
+            pytrace=False,
+        )
+
+
 @pytest.fixture(scope="session")
 def torchcodec() -> None:
     """For tests of torchcodec's own behaviour: one clear line when it cannot load here."""

@@ -34,3 +34,34 @@ def test_torchcodec_warning_is_one_line_once(monkeypatch):
     assert len(lines) == 1 and "PyAV" in lines[0] and "apt-get install ffmpeg" in lines[0]
     monkeypatch.setattr(env, "_TORCHCODEC", {})
     assert env.torchcodec_problem() is None  # here FFmpeg is installed: torchcodec loads
+
+
+def _encode_av1(path) -> None:
+    import av
+    import numpy as np
+
+    with env.native_stderr_to(path.with_suffix(".log")), av.open(str(path), "w") as container:
+        stream = container.add_stream("libsvtav1", rate=30)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for i in range(4):
+            frame = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 40 * i, np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
+def test_encoding_av1_leaves_the_scheduling_policy_as_it_was(tmp_path):
+    """SVT-AV1 puts the thread that encodes on SCHED_FIFO when it runs as root; keep_scheduling undoes it.
+    As root (CI, this project's machines) the bare encode shows the policy change the guard exists for."""
+    import os
+
+    before = (os.sched_getscheduler(0), os.sched_getparam(0))
+    with env.keep_scheduling():
+        _encode_av1(tmp_path / "guarded.mp4")
+    assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
+    if os.geteuid() == 0:
+        try:
+            _encode_av1(tmp_path / "bare.mp4")
+            assert os.sched_getscheduler(0) == os.SCHED_FIFO, "SVT-AV1 no longer changes the policy as root"
+        finally:
+            os.sched_setscheduler(0, *before)

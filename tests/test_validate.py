@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from zk0lib import synth
+from zk0lib import env, synth
 from zk0lib.config import load_config
 from zk0lib.validate import (
     DatasetInvalidError,
@@ -51,8 +51,8 @@ def write_dataset(root, lengths=(30, 30, 30, 30), dead_joint=None, duplicate=Non
             ds.add_frame(dict(frame))
             if duplicate == (ep, k):
                 ds.add_frame(dict(frame))
-        ds.save_episode(parallel_encoding=False)
-    ds.finalize()
+        env.save_episode(ds)
+    env.finalize(ds)
     return root
 
 

@@ -114,3 +114,33 @@ def native_stderr_to(path: Path) -> Iterator[None]:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
+
+
+@contextmanager
+def keep_scheduling() -> Iterator[None]:
+    """Around video encoding: SVT-AV1, lerobot's default codec, switches the thread that opens an encoder to
+    real-time SCHED_FIFO when the process runs as root (containers, CI machines). A real-time thread then
+    starves the rest of the machine, and every process it starts inherits the policy: Flower's ServerApp
+    misses its heartbeats, Chromium and the kernel spin. This puts the calling thread's policy back."""
+    if not hasattr(os, "sched_getscheduler"):  # not Linux
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    try:
+        yield
+    finally:
+        if os.sched_getscheduler(0) != policy or os.sched_getparam(0) != param:
+            os.sched_setscheduler(0, policy, param)
+
+
+def save_episode(dataset) -> None:
+    """`LeRobotDataset.save_episode`, encoded in this process (where FFmpeg's chatter is redirected) with the
+    scheduling policy kept (see `keep_scheduling`)."""
+    with keep_scheduling():
+        dataset.save_episode(parallel_encoding=False)
+
+
+def finalize(dataset) -> None:
+    """`LeRobotDataset.finalize` (it may flush encoders) with the scheduling policy kept."""
+    with keep_scheduling():
+        dataset.finalize()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from zk0lib import env
+
 JOINTS = ["shoulder_pan", "shoulder_lift", "elbow_flex", "wrist_flex", "wrist_roll", "gripper"]
 JOINT_NAMES = [f"{j}.pos" for j in JOINTS]
 CAMERAS = ("front", "wrist")
@@ -156,5 +158,5 @@ def _write(spec: SyntheticSpec, repo_id: str, tmp: Path, dataset_cls: type) -> N
                     "task": task,
                 }
             )
-        ds.save_episode(parallel_encoding=False)  # in this process, where FFmpeg's chatter is redirected
-    ds.finalize()
+        env.save_episode(ds)
+    env.finalize(ds)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from zk0lib import env
 from zk0lib.sources import dataset_key
 
 SEVERITIES = ("error", "warning", "info")
@@ -690,6 +691,6 @@ def _rewrite(source: Path, dest: Path, drop: list[int], doubled: dict[int, list[
                     value = (value.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)
                 frame[key] = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
             dst.add_frame(frame)
-        dst.save_episode(parallel_encoding=False)
-    dst.finalize()
+        env.save_episode(dst)
+    env.finalize(dst)
     shutil.rmtree(dest / "images", ignore_errors=True)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from zk0lib import env
 from zk0lib.sim.labs import LabSpec, get_lab
 
 RECORDER_VERSION = 2  # 2: observation.environment_state (older recordings are recorded again, never mixed)
@@ -200,7 +201,7 @@ def record_lab(
                             "task": lab.task,
                         }
                     )
-                ds.save_episode(parallel_encoding=False)
+                env.save_episode(ds)
                 saved.append(ep["seed"])
                 frames += len(ep["states"])
                 if progress is not None:
@@ -208,7 +209,7 @@ def record_lab(
             if len(saved) == episodes:
                 episodes_iter.close()
                 break
-        ds.finalize()
+        env.finalize(ds)
     if len(saved) < episodes:
         shutil.rmtree(tmp, ignore_errors=True)
         raise RuntimeError(
