@@ -167,5 +167,10 @@ def test_a_ray_start_up_failure_is_told_apart_from_a_failed_run(tmp_path):
     assert ray_did_not_start(run, log)
     log.write_text("[zk0] 2 clients, 1,000 trainable\nray.exceptions.RaySystemError: Failed to connect to GCS\n")
     assert not ray_did_not_start(run, log)  # the ServerApp had started: a real failure of the run
+    log.write_text(  # two simulations starting together on 2 cores (seen with pytest -n 2)
+        "Exception: The current node timed out during startup. This could happen because some of the raylet "
+        "failed to startup or the GCS has become overloaded.\nRuntimeError: Simulation Runtime crashed.\n"
+    )
+    assert ray_did_not_start(run, log)
     log.write_text("RuntimeError: client synth-0 raised\n")
     assert not ray_did_not_start(run, log)

@@ -29,7 +29,9 @@ from zk0lib.launch import FederatedRunError, RunResult, start_run
 from zk0lib.runs import RunRecord, resume_round, truncate_rounds, utc_now
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_RAY_START_FAILURE = re.compile(r"Failed to connect to GCS|Could not start Ray|RaySystemError")
+_RAY_START_FAILURE = re.compile(
+    r"Failed to connect to GCS|Could not start Ray|RaySystemError|The current node timed out during startup"
+)
 
 
 def stage_app(dest: Path) -> Path:
