@@ -41,7 +41,7 @@ demo: install
 smoke: install
 	$(BIN)/zk0 train --preset smoke
 
-test: install  # serial: Flower's ServerApp must report within 30 s of its start, which two workers on two cores can miss
+test: install  # serial: two Ray simulations starting together on 2 cores time out (README, Timings)
 	$(BIN)/python -m pytest -q tests notebooks --nbmake
 
 test-fast: install

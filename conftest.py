@@ -13,7 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
-# `make test` runs on two pytest-xdist workers. Each worker takes whole files (module fixtures such as a
+# With `pytest -n 2` (machines with cores to spare; `make test` is serial), each worker takes whole files (module fixtures such as a
 # recording, a sweep or the fault run are built once), and the files that read the session's smoke run
 # go to the same worker, so that run happens once.
 SMOKE_RUN_FILES = {"test_baselines.py", "test_deploy.py", "test_federation.py", "test_page.py"}
