@@ -4,11 +4,10 @@ head of zk0lib.base can) from a fresh tiny model, then action training on decisi
     python probes/aim/attention_grounding.py OUT_FOLDER GROUNDING_STEPS ACTION_STEPS
 """
 
-import math
 import sys
-import time
 from pathlib import Path
 
+import loop
 import numpy as np
 import torch
 from starts import start_batch, start_set
@@ -66,30 +65,13 @@ def main():
     print("grounding errors", g["errors"], flush=True)
     starts = start_set(labs, 200, 50, cache, 128, 0, 2)
     tasks = [lab.task for lab in labs]
-    params = [p for _, p in model.trainable_parameters(b.policy)]
-    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=1e-10)
-    sch = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
-    b.policy.train()
-    torch.manual_seed(5)
     rng = np.random.default_rng(3)
-    sl = []
-    t0 = time.perf_counter()
-    for s in range(steps):
+
+    def loss_of(step):
         sb = b.preprocessor(start_batch(starts, tasks, rng.integers(len(starts["front"]), size=32)))
-        ls, _ = b.policy.forward(sb)
-        ls.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        opt.step()
-        sch.step()
-        opt.zero_grad(set_to_none=True)
-        sl.append(ls.item())
-        if (s + 1) % 200 == 0:
-            print(
-                f"step {s + 1}: start loss {np.mean(sl[-200:]):.4f} ({1000 * (time.perf_counter() - t0) / (s + 1):.0f} ms/step)",
-                flush=True,
-            )
+        return {"loss": b.policy.forward(sb)[0]}
+
+    loop.run(b.policy, steps, loss_of, lr=1e-3, warmup=50)
     model.save_policy(b, Path(out))
     print("saved", out)
 

@@ -4,11 +4,10 @@ and optional Gaussian noise on the normalized state.
     python probes/aim/continue_start_weighted.py BASE_FOLDER OUT_FOLDER STEPS K STATE_NOISE
 """
 
-import math
 import sys
-import time
 from pathlib import Path
 
+import loop
 import numpy as np
 import torch
 
@@ -45,30 +44,15 @@ if __name__ == "__main__":
         ),
     )
     stream = data.batch_stream(torch.utils.data.ConcatDataset(sets), 32, 1, 11, weights=w)
-    params = [p for _, p in model.trainable_parameters(b.policy)]
-    print("trainable", sum(p.numel() for p in params))
-    opt = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.95), weight_decay=1e-10)
-    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    b.policy.train()
-    torch.manual_seed(5)
-    t0 = time.perf_counter()
-    losses = []
-    for s in range(steps):
+    print("trainable", sum(p.numel() for _, p in model.trainable_parameters(b.policy)))
+
+    def loss_of(step):
         batch = b.preprocessor(next(stream))
         if noise > 0:
             st = batch["observation.state"]
             batch["observation.state"] = st + noise * torch.randn_like(st)
-        loss, _ = b.policy.forward(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        opt.step()
-        sch.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (s + 1) % 200 == 0:
-            print(
-                f"step {s + 1}: loss {np.mean(losses[-200:]):.4f} ({1000 * (time.perf_counter() - t0) / (s + 1):.0f} ms/step)",
-                flush=True,
-            )
+        return {"loss": b.policy.forward(batch)[0]}
+
+    loop.run(b.policy, steps, loss_of)
     model.save_policy(b, Path(out))
     print("saved", out)

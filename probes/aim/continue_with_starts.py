@@ -4,11 +4,11 @@
 (STARTS_PER_BATCH of each batch of 32; 32 trains on decision frames only)
 """
 
-import math
 import sys
 import time
 from pathlib import Path
 
+import loop
 import numpy as np
 import torch
 from starts import start_batch, start_set
@@ -37,35 +37,15 @@ if __name__ == "__main__":
         c = data.ClientData(i, lab.name, f"zk0/{lab.name}", rec.root, meta, list(range(9)), [9])
         sets.append(data.open_dataset(c, c.train_episodes, b.config, None))
     stream = data.batch_stream(torch.utils.data.ConcatDataset(sets), 32 - bs_start, 1, 11) if bs_start < 32 else None
-    params = [p for _, p in model.trainable_parameters(b.policy)]
-    opt = torch.optim.AdamW(params, lr=5e-4, betas=(0.9, 0.95), weight_decay=1e-10)
-    sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    b.policy.train()
-    torch.manual_seed(5)
     g = np.random.default_rng(3)
-    t0 = time.perf_counter()
-    losses = []
-    sl = []
     n_ds = 32 - bs_start
-    for s in range(steps):
-        if stream is not None:
-            batch = b.preprocessor(next(stream))
-            loss, _ = b.policy.forward(batch)
-        else:
-            loss = torch.zeros(())
+
+    def loss_of(step):
+        loss = b.policy.forward(b.preprocessor(next(stream)))[0] if stream is not None else torch.zeros(())
         sb = b.preprocessor(start_batch(starts, tasks, g.integers(len(starts["front"]), size=bs_start)))
         ls, _ = b.policy.forward(sb)
-        ((n_ds * loss + bs_start * ls) / 32).backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        opt.step()
-        sch.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        sl.append(ls.item())
-        if (s + 1) % 200 == 0:
-            print(
-                f"step {s + 1}: loss {np.mean(losses[-200:]):.4f} start loss {np.mean(sl[-200:]):.4f} ({1000 * (time.perf_counter() - t0) / (s + 1):.0f} ms/step)",
-                flush=True,
-            )
+        return {"loss": (n_ds * loss + bs_start * ls) / 32, "recorded": loss, "start": ls}
+
+    loop.run(b.policy, steps, loss_of)
     model.save_policy(b, Path(out))
     print("saved", out)

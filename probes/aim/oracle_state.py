@@ -11,8 +11,8 @@ KEY=VALUE are config overrides of the demo preset, e.g. model.chunk_size=50 mode
 
 import json
 import sys
-import time
 
+import loop
 import numpy as np
 import torch
 
@@ -105,27 +105,17 @@ def main():
 
     stream = data.batch_stream(Tagged(), cfg.train.batch_size, 1, 3)
     optimizer, scheduler = train.make_optimizer(bundle.policy, steps, 0, 0)
-    params = [p for _, p in model.trainable_parameters(bundle.policy)]
     table = [torch.from_numpy(s) for s in starts]
     policy = bundle.policy
-    policy.train()
-    torch.manual_seed(0)
-    t0, losses = time.perf_counter(), []
-    for step in range(steps):
+
+    def loss_of(step):
         raw = next(stream)
         pos = torch.stack([table[int(lab)][int(ep)] for lab, ep in zip(raw["lab"], raw["episode_index"], strict=True)])
         batch = bundle.preprocessor({k: v for k, v in raw.items() if k != "lab"})
         batch["observation.state"] = with_extra(batch["observation.state"], extra_of(pos) * use)
-        loss, _ = policy.forward(batch)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if (step + 1) % 250 == 0:
-            ms = 1000 * (time.perf_counter() - t0) / (step + 1)
-            print(f"step {step + 1}/{steps}: loss {np.mean(losses[-250:]):.4f} ({ms:.0f} ms/step)", flush=True)
+        return {"loss": policy.forward(batch)[0]}
+
+    loop.run(policy, steps, loss_of, seed=0, log_every=250, optimizer=optimizer, scheduler=scheduler)
     wrapped = OraclePolicy(policy, extra_of, use)
     total = 0
     for lab in CLIENT_LABS:
