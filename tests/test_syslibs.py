@@ -52,13 +52,12 @@ def _encode_av1(path) -> None:
 
 def test_encoding_av1_leaves_the_scheduling_policy_as_it_was(tmp_path):
     """SVT-AV1 puts the thread that encodes on SCHED_FIFO when it runs as root and may (this project's
-    machines: it does); keep_scheduling puts the policy back, whatever the encoder did inside it."""
+    machines and CI: it does); keep_scheduling puts the policy back, whatever the encoder did inside it.
+    Where the encoder cannot switch (not root, no CAP_SYS_NICE) this passes trivially."""
     import os
 
     before = (os.sched_getscheduler(0), os.sched_getparam(0))
     with env.keep_scheduling():
         _encode_av1(tmp_path / "encoded.mp4")
-        inside = os.sched_getscheduler(0)
     assert (os.sched_getscheduler(0), os.sched_getparam(0)) == before
     assert (tmp_path / "encoded.mp4").stat().st_size > 0
-    print(f"policy inside the encode: {inside} (before: {before[0]}; SCHED_FIFO is {os.SCHED_FIFO})")

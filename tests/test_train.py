@@ -175,6 +175,7 @@ def test_an_explicit_warmup_is_the_warmup_used(fresh_bundle):
 def test_skipped_batches_are_counted_as_batches_with_their_items_named(fresh_bundle, smoke_cfg, train_set):
     cfg = copy.deepcopy(smoke_cfg)
     cfg.train.local_steps, cfg.train.max_skipped_fraction = 8, 0.125  # one skipped batch allowed
+    cfg.train.progress_every_s = 0  # a progress line after every step
 
     def one_bad_batch_then(stream):
         yield {"__skipped__": ["item 3: bad", "item 4: bad", "item 5: bad"]}
@@ -183,9 +184,7 @@ def test_skipped_batches_are_counted_as_batches_with_their_items_named(fresh_bun
     stream = one_bad_batch_then(_stream(train_set, cfg).batches(0))
     lines = []  # a long round's progress lines (here one after every step but the last)
     opt = train.make_optimizer(fresh_bundle.policy, 8, 0)
-    metrics = train.train_steps(
-        fresh_bundle, stream, *opt, 8, cfg, label="r1", progress=lines.append, progress_every_s=0
-    )
+    metrics = train.train_steps(fresh_bundle, stream, *opt, 8, cfg, label="r1", progress=lines.append)
     assert (metrics["steps"], metrics["skipped_batches"], metrics["skipped_items"]) == (8, 1, 3)
     assert [line.split(",")[0] for line in lines] == [f"r1: step {k}/8" for k in range(1, 8)]
     assert all("samples/s" in line and "min left" in line for line in lines)

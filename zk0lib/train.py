@@ -144,15 +144,13 @@ def train_steps(
     mu: float = 0.0,
     label: str = "",
     progress: Callable[[str], None] | None = None,
-    progress_every_s: float | None = None,
 ) -> dict[str, float]:
     """`steps` optimizer steps on batches from `stream`, with the FedProx term around the weights the
     policy holds when called (none when mu == 0); returns the metrics of these steps. With `progress`,
-    a line about every `progress_every_s` seconds (default train.progress_every_s: step, recent loss,
-    samples/s, time left) for long rounds."""
+    a line about every train.progress_every_s seconds (step, recent loss, samples/s, time left) for long
+    rounds."""
     t0 = time.perf_counter()
-    if progress_every_s is None:
-        progress_every_s = cfg.train.progress_every_s
+    progress_every_s = cfg.train.progress_every_s
     next_line = t0 + progress_every_s
     policy = bundle.policy
     params = [p for _, p in trainable_parameters(policy)]
