@@ -105,23 +105,30 @@ def _kill_tree(pid: int) -> None:
             pass
 
 
-def kill_after_round_1(home, run_id: str, *args: str) -> RunRecord:
-    """`zk0 train --preset smoke --run-id RUN_ID ARGS` killed with SIGKILL (zk0, SuperLink, simulation,
-    Ray) once round 1's resume state is written, i.e. in round 2."""
+def kill_after_round_1(home, run_id: str, *args: str, sig: int = signal.SIGKILL) -> tuple[RunRecord, str]:
+    """`zk0 train --preset smoke --run-id RUN_ID ARGS` stopped once round 1's resume state is written, i.e. in
+    round 2: with SIGKILL, every process of its tree (zk0, SuperLink, simulation, Ray: a lost machine); with
+    SIGTERM, zk0's own process only, as `timeout` or a job scheduler stops it. Returns the run and zk0's stderr."""
     run = RunRecord(home / "reports" / "runs" / run_id)
     t0 = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "zk0lib.cli", "train", "--preset", "smoke", "--run-id", run_id, *args],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     state = run.checkpoint("resume") / "state.json"
     while not (state.exists() and json.loads(state.read_text())["round"] == 1):
         assert proc.poll() is None and time.time() - t0 < 300, "the run ended before round 1 was checkpointed"
         time.sleep(0.2)
-    _kill_tree(proc.pid)
-    proc.wait()
-    return run
+    if sig == signal.SIGKILL:
+        _kill_tree(proc.pid)
+    else:
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 128 + sig, err[-3000:]
+    return run, err
 
 
 def test_a_crash_while_swapping_resume_states_falls_back_to_the_previous_round(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -133,11 +134,14 @@ def test_federated_lora_exchanges_only_adapters(zk0_cli, home, clients, stats):
         np.testing.assert_allclose(v.numpy(), merged[k].numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_result(zk0_cli, home):
-    """kill -9 (zk0, SuperLink, simulation, Ray) after round 1 of the LoRA + FedAdam + bf16 run, then
-    --resume: the adapters, FedAdam's moments and the RNG states come back from the resume state, the run
-    ends where the uninterrupted one did, no Flower process is left, and a completed run is not resumed.
-    (The one kill-and-resume test: a plain run's resume is the same code with other trainable weights.)"""
+def test_a_stopped_run_resumes_to_the_uninterrupted_result(zk0_cli, home):
+    """SIGTERM to zk0 alone (what `timeout` or a job scheduler sends) in round 2 of the LoRA + FedAdam + bf16
+    run: zk0 stops the SuperLink, the simulation and Ray (they run in their own session, so the signal does
+    not reach them), marks the run stopped and says how to go on. Then --resume: the adapters, FedAdam's
+    moments and the RNG states come back from the resume state, the run ends where the uninterrupted one
+    did, no Flower process is left, and a completed run is not resumed. (The one stop-and-resume test: a
+    plain run's resume is the same code with other trainable weights; after a kill -9 of the whole tree the
+    record still says running, and resume reads the same state.)"""
     from test_faults import kill_after_round_1  # tests/ is on sys.path
     from test_federation import _alive_flower_processes
 
@@ -145,9 +149,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(zk0_cli, home):
     if not (reference.path / "summary.json").exists():
         assert zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-lora", *LORA_RUN).returncode == 0
     t0 = time.time()
-    run = kill_after_round_1(home, "killed-lora", *LORA_RUN)
-    time.sleep(1)
-    assert run.summary()["status"] == "running"
+    run, err = kill_after_round_1(home, "killed-lora", *LORA_RUN, sig=signal.SIGTERM)
+    assert "zk0: stopped by SIGTERM" in err and "zk0 train --resume" in err, err[-3000:]
+    assert _alive_flower_processes(t0) == []  # nothing left running after the stop
+    assert run.summary()["status"] == "failed" and "stopped by SIGTERM" in run.summary()["error"]
     out = zk0_cli("train", "--resume", str(run.path))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "resuming run killed-lora after round 1" in out.stdout

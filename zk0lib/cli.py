@@ -625,14 +625,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what a record says produced it
+    from zk0lib import env
+
+    env.stop_cleanly_on_signals()
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"zk0: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("zk0: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, env.Stopped) as e:
+        how = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        print(
+            f"zk0: {how}; everything it started was stopped (a federated run continues after its last complete "
+            "round with zk0 train --resume RUN_DIR)",
+            file=sys.stderr,
+        )
+        return 130 if isinstance(e, KeyboardInterrupt) else 128 + e.signum
     except Exception as e:  # noqa: BLE001 - the CLI reports any failure as one clear line, not a traceback
         from zk0lib.data import DatasetNotAvailableError
         from zk0lib.launch import FederatedRunError

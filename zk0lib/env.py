@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -144,3 +145,27 @@ def finalize(dataset) -> None:
     """`LeRobotDataset.finalize` (it may flush encoders) with the scheduling policy kept."""
     with keep_scheduling():
         dataset.finalize()
+
+
+class Stopped(BaseException):
+    """zk0 was told to stop (SIGTERM from `timeout`, a job scheduler or `kill`; SIGHUP from a closed
+    terminal). Raised in the main thread, so every `with` block on the way out runs: the SuperLink, the
+    simulation and Ray are stopped, and the run record says why it ended."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def stop_cleanly_on_signals() -> None:
+    """For zk0's command line: SIGTERM and SIGHUP raise `Stopped` (Python's default for them ends the process
+    at once, leaving the SuperLink and Ray, which run in their own session, alive and busy). A second signal
+    during the clean-up is ignored; SIGKILL still ends everything at once."""
+
+    def handler(signum: int, _frame: object) -> None:
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, handler)

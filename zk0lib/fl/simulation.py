@@ -123,14 +123,22 @@ def stream_flwr_run(
         proc = subprocess.Popen(
             cmd, env=flower_env_, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
         )
-        for line in proc.stdout:
-            log.write(line)
-            clean = _ANSI.sub("", line).rstrip()
-            if m := re.search(r"Successfully started run (\d+)", clean):
-                flower_run_id = m.group(1)
-            if "[zk0] " in clean and progress is not None:
-                progress(clean.split("[zk0] ", 1)[1])
-        proc.wait()
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                clean = _ANSI.sub("", line).rstrip()
+                if m := re.search(r"Successfully started run (\d+)", clean):
+                    flower_run_id = m.group(1)
+                if "[zk0] " in clean and progress is not None:
+                    progress(clean.split("[zk0] ", 1)[1])
+        finally:  # zk0 stopped while streaming (Ctrl-C, SIGTERM): the `flwr run` client goes too
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
     return flower_run_id
 
 
