@@ -26,16 +26,26 @@ def test_base_spec_refuses_bad_values():
         BaseSpec.from_overrides(["no_such_key=1"])
 
 
-def test_short_pretraining_end_to_end(zk0_cli, tmp_path):
-    out = tmp_path / "base"
-    settings = [
-        "labs=2", "episodes_per_lab=2", "image_size=64", "grounding_episodes=1", "grounding_frames=4",
-        "grounding_steps=4", "action_steps=6", "batch_size=4", "num_workers=0", "aim_episodes=1",
-    ]  # fmt: skip
-    result = zk0_cli("base", "--out", str(out), *(x for s in settings for x in ("--set", s)))
+SETTINGS = [
+    "labs=2", "episodes_per_lab=2", "image_size=64", "grounding_episodes=1", "grounding_frames=4",
+    "grounding_steps=4", "action_steps=6", "chunk_steps=2", "batch_size=4", "num_workers=0", "aim_episodes=1",
+]  # fmt: skip
+BASE_ARGS = [x for s in SETTINGS for x in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def short_base(zk0_cli, tmp_path_factory):
+    """`zk0 base` at tiny scale in one go: its folder."""
+    out = tmp_path_factory.mktemp("bases") / "base"
+    result = zk0_cli("base", "--out", str(out), *BASE_ARGS)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return out
+
+
+def test_short_pretraining_end_to_end(short_base):
+    out = short_base
     record = json.loads((out / BASE_RECORD).read_text())
-    assert record["spec"]["action_steps"] == 6 and record["grounding"]["steps"] == 4
+    assert record["spec"]["action_steps"] == 6 and record["grounding"]["steps"] == 4 and record["parts"] == 1
     assert record["data"]["episodes"] == 4 and record["data"]["train_episodes"] == 2
     assert [h["step"] for h in record["action"]["history"]][-1] == 6
     assert set(record["aim"]) == {"community (held-out positions)", "client labs (never seen)"}
@@ -47,6 +57,34 @@ def test_short_pretraining_end_to_end(zk0_cli, tmp_path):
     # pretrained as a whole: the VLM trained too (expert-only training would leave ~36% trainable)
     counts = record["parameters"]
     assert counts["trainable"] > 0.8 * counts["total"]
+
+
+def test_a_base_made_in_parts_is_the_base_made_in_one(short_base, zk0_cli):
+    """Parts of 2 action steps (the spec's chunk), each a fresh process: the first ends after grounding and
+    a chunk, the next ones resume from the saved chunk; the finished base equals the one made in one go."""
+    from safetensors.torch import load_file
+
+    out = short_base.parent / "in-parts"
+    first = zk0_cli("base", "--out", str(out), "--part-steps", "2", *BASE_ARGS)
+    assert first.returncode == 3, first.stdout[-2000:] + first.stderr[-3000:]
+    assert "step 2/6" in first.stdout and "run the same command again" in first.stdout
+    assert not (out / BASE_RECORD).exists()  # nothing half-written where the base goes
+    second = zk0_cli("base", "--out", str(out), "--part-steps", "2", *BASE_ARGS)
+    assert second.returncode == 3 and "resuming part 2" in second.stdout and "after step 2/6" in second.stdout
+    assert "grounding step" not in second.stdout  # grounding is not done again
+    last = zk0_cli("base", "--out", str(out), *BASE_ARGS)
+    assert last.returncode == 0, last.stdout[-2000:] + last.stderr[-3000:]
+    assert "resuming part 3" in last.stdout and "after step 4/6" in last.stdout
+    record, whole = (json.loads((p / BASE_RECORD).read_text()) for p in (out, short_base))
+    assert record["parts"] == 3 and [h["step"] for h in record["action"]["history"]] == [2, 4, 6]
+    assert [h["train_loss"] for h in record["action"]["history"]] == pytest.approx(
+        [h["train_loss"] for h in whole["action"]["history"]], abs=1e-6
+    )
+    ours, theirs = load_file(out / "model.safetensors"), load_file(short_base / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-6
+    fresh = zk0_cli("base", "--out", str(out), "--part-steps", "2", "--fresh", *BASE_ARGS)
+    assert fresh.returncode == 3 and "resuming" not in fresh.stdout  # --fresh starts over
 
 
 def test_shipped_base_matches_its_record():

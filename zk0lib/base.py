@@ -16,6 +16,9 @@ the spec it was made from, the community labs, the losses, the step times and th
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
 import typing
 from collections.abc import Callable
@@ -45,6 +48,7 @@ class BaseSpec:
     grounding_batch: int = 32
     grounding_lr: float = 1e-3
     action_steps: int = 2400
+    chunk_steps: int = 0  # action steps between checkpoints, each chunk with its own seeds (0: a tenth of them)
     batch_size: int = 8
     lr: float = 1e-3
     warmup_steps: int = 100  # asked of lerobot's scheduler, which rescales it by steps/30000 (8 used here)
@@ -64,7 +68,9 @@ class BaseSpec:
             if key not in hints:
                 raise ConfigError(f"zk0 base --set {key}: unknown; KEY one of {', '.join(hints)}")
             setattr(spec, key, _convert(value, hints[key], key))
-        may_be_zero = ("seed", "heldout_episodes", "grounding_steps", "action_steps", "warmup_steps", "num_workers")
+        may_be_zero = (
+            "seed", "heldout_episodes", "grounding_steps", "action_steps", "chunk_steps", "warmup_steps", "num_workers",
+        )  # fmt: skip
         problems = [
             f"{k} must be {'>= 0' if k in may_be_zero else '> 0'} (got {getattr(spec, k)})"
             for k in hints
@@ -75,6 +81,12 @@ class BaseSpec:
         if problems:
             raise ConfigError("invalid base spec:\n  - " + "\n  - ".join(problems))
         return spec
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+    def chunk(self) -> int:
+        return self.chunk_steps or max(1, self.action_steps // 10)
 
 
 def experiment_config(spec: BaseSpec, cache_dir: Path) -> Any:
@@ -199,13 +211,73 @@ def pretrain_grounding(
     }
 
 
+# ----------------------------------------------------------------------------- parts that resume
+
+
+class BaseParts:
+    """The saved progress of one pretraining (spec and output folder): after grounding and after every chunk
+    of action steps, the whole policy's weights, the optimizer and schedule, the history so far. Written to
+    a new folder and swapped in, so a stop at any moment leaves the previous chunk's state. Chunks draw
+    batches and flow-matching noise from their own seeds, so a base made in parts is the base made in one."""
+
+    def __init__(self, cache_dir: Path, spec: BaseSpec, out: Path):
+        key = hashlib.sha256(f"{spec.digest()}:{Path(out).resolve()}".encode()).hexdigest()[:12]
+        self.path = Path(cache_dir) / "base-parts" / key
+        self._tmp, self._old = self.path.with_name(key + ".tmp"), self.path.with_name(key + ".old")
+
+    def _latest(self) -> Path | None:
+        for path in (self.path, self._old):  # .old: a stop between the two renames of `save`
+            if (path / "state.json").exists() and (path / "weights.pt").exists():
+                return path
+        return None
+
+    def load(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(state, weights) of the last saved chunk, or None to start from the beginning."""
+        path = self._latest()
+        if path is None:
+            return None
+        return json.loads((path / "state.json").read_text()), torch.load(path / "weights.pt", weights_only=False)
+
+    def save(self, state: dict[str, Any], policy: Any, optimizer: Any = None, scheduler: Any = None) -> None:
+        from zk0lib.runs import write_json
+
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._tmp.mkdir(parents=True)
+        weights = {
+            "policy": policy.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        }
+        torch.save(weights, self._tmp / "weights.pt")
+        write_json(self._tmp / "state.json", state)
+        shutil.rmtree(self._old, ignore_errors=True)
+        if self.path.exists():
+            self.path.rename(self._old)
+        self._tmp.rename(self.path)
+        shutil.rmtree(self._old, ignore_errors=True)
+
+    def discard(self) -> None:
+        for path in (self.path, self._tmp, self._old):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- stage 2 and the record
 
 
 def make_base(
-    spec: BaseSpec, out: Path, cache_dir: Path | None = None, log: Callable[[str], None] = print
-) -> dict[str, Any]:
-    """Record the community labs, pretrain in two stages, save the policy folder and its record at `out`."""
+    spec: BaseSpec,
+    out: Path,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+    part_minutes: float | None = None,
+    part_steps: int | None = None,
+    fresh: bool = False,
+) -> dict[str, Any] | None:
+    """Record the community labs, pretrain in two stages, save the policy folder and its record at `out`.
+
+    In parts: progress is saved after grounding and after every chunk of action steps (`BaseParts`); the
+    same call again continues from there (`fresh` starts over). With `part_minutes` or `part_steps`, this
+    part ends after the chunk that reaches either, and None is returned while the base is unfinished."""
     from zk0lib import data, evaluation, model, train
     from zk0lib.config import zk0_home
     from zk0lib.env import quiet, set_hub_offline
@@ -232,17 +304,43 @@ def make_base(
         )
         log(f"  {lab.name} ({lab.task}): {rec.episodes} episodes, {rec.frames} frames")
     record_seconds = time.perf_counter() - t
-    t = time.perf_counter()
-    frames = grounding_set(
-        labs, spec.grounding_episodes, spec.grounding_frames, cache_dir, spec.image_size, spec.seed, spec.record_workers
-    )
-    frames_seconds = time.perf_counter() - t
-    log(f"grounding set: {len(frames['front'])} labelled frames ({frames_seconds:.0f} s)")
-
+    parts = BaseParts(cache_dir, spec, Path(out))
+    if fresh:
+        parts.discard()
+    saved = parts.load()
     cfg = experiment_config(spec, cache_dir)
     stats = data.pooled_stats([c.meta for c in clients])
     bundle = model.build_policy(cfg, clients[0].meta, stats)
-    grounding = pretrain_grounding(bundle.policy, frames, spec, log)
+    if saved is None:
+        t = time.perf_counter()
+        frames = grounding_set(
+            labs, spec.grounding_episodes, spec.grounding_frames, cache_dir, spec.image_size, spec.seed,
+            spec.record_workers,
+        )  # fmt: skip
+        frames_seconds = time.perf_counter() - t
+        log(f"grounding set: {len(frames['front'])} labelled frames ({frames_seconds:.0f} s)")
+        grounding = pretrain_grounding(bundle.policy, frames, spec, log)
+        state = {
+            "spec": asdict(spec),
+            "grounding": grounding,
+            "done": 0,
+            "history": [],
+            "parts": 1,
+            "seconds": {"record": record_seconds, "grounding_frames": frames_seconds, "action": 0.0},
+        }
+        parts.save(
+            state | {"seconds": state["seconds"] | {"earlier_parts": time.perf_counter() - t_start}}, bundle.policy
+        )
+    else:
+        state, weights = saved
+        state["parts"] += 1
+        state["seconds"]["record"] += record_seconds
+        grounding = state["grounding"]
+        bundle.policy.load_state_dict(weights["policy"])
+        log(
+            f"resuming part {state['parts']}: grounding done, action pretraining after step "
+            f"{state['done']}/{spec.action_steps} ({parts.path})"
+        )
     log(
         f"grounding: cube {grounding['errors']['heldout_lab']['cube_cm']:.1f} cm off on a held-out lab "
         f"(guessing the mean: {grounding['errors']['heldout_lab']['cube_cm_if_mean']:.1f} cm)"
@@ -253,24 +351,48 @@ def make_base(
     judged = [c for c in clients if c.heldout_episodes][:HELDOUT_LABS]
     held_sets = {c.name: data.open_dataset(c, c.heldout_episodes, pc, None) for c in judged}
     optimizer, scheduler = train.make_optimizer(bundle.policy, spec.action_steps, 0)
-    torch.manual_seed(train.derive_seed(spec.seed, 2))
-    stream = data.batch_stream(
-        torch.utils.data.ConcatDataset(train_sets), spec.batch_size, spec.num_workers, train.derive_seed(spec.seed, 3)
-    )
-    chunks, history = 10, []
-    per_chunk = max(1, spec.action_steps // chunks)
-    done = 0
-    t = time.perf_counter()
-    while done < spec.action_steps:
-        steps = min(per_chunk, spec.action_steps - done)
-        m = train.train_steps(bundle, stream, optimizer, scheduler, steps, cfg, label="base pretraining")
-        done += steps
-        history.append({"step": done, "train_loss": m["train_loss"], "lr": m["lr"], "seconds": m["seconds"]})
-        log(
-            f"action pretraining step {done}/{spec.action_steps}: loss {m['train_loss']:.4f}, "
-            f"{1000 * m['seconds'] / steps:.0f} ms/step"
-        )
-    action_seconds = time.perf_counter() - t
+    if saved is not None and saved[1]["optimizer"] is not None:
+        optimizer.load_state_dict(saved[1]["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved[1]["scheduler"])
+    stream = data.BatchStream(torch.utils.data.ConcatDataset(train_sets), spec.batch_size, spec.num_workers)
+    chunk, history, done = spec.chunk(), state["history"], state["done"]
+    start_done, earlier = done, state["seconds"].get("earlier_parts", 0.0)
+    t_part = t = time.perf_counter()
+    try:
+        while done < spec.action_steps:
+            k = done // chunk
+            steps = min(chunk, spec.action_steps - done)
+            torch.manual_seed(train.derive_seed(spec.seed, 2, k))  # the policy's noise and time: per chunk
+            m = train.train_steps(
+                bundle, stream.batches(train.derive_seed(spec.seed, 3, k)), optimizer, scheduler, steps, cfg,
+                label="base pretraining",
+            )  # fmt: skip
+            done += steps
+            history.append({"step": done, "train_loss": m["train_loss"], "lr": m["lr"], "seconds": m["seconds"]})
+            log(
+                f"action pretraining step {done}/{spec.action_steps}: loss {m['train_loss']:.4f}, "
+                f"{1000 * m['seconds'] / steps:.0f} ms/step"
+            )
+            state.update(done=done, history=history)
+            state["seconds"]["action"] += time.perf_counter() - t
+            t = time.perf_counter()
+            parts.save(
+                state | {"seconds": state["seconds"] | {"earlier_parts": earlier + t - t_start}},
+                bundle.policy, optimizer, scheduler,
+            )  # fmt: skip
+            part_done = (part_steps and done - start_done >= part_steps) or (
+                part_minutes and time.perf_counter() - t_part >= 60 * part_minutes
+            )
+            if part_done and done < spec.action_steps:
+                log(
+                    f"part {state['parts']} ends at step {done}/{spec.action_steps}: run the same command again to "
+                    f"continue ({parts.path})"
+                )
+                return None
+    finally:
+        stream.close()
+    action_seconds = state["seconds"]["action"]
     heldout = {name: evaluation.evaluate(bundle, ds, cfg) for name, ds in held_sets.items()}
     held_loss = evaluation.combine_clients(heldout, cfg) if heldout else {}
 
@@ -296,6 +418,7 @@ def make_base(
         )
     record = {
         "spec": asdict(spec),
+        "parts": state["parts"],
         "labs": [{"name": lab.name, "task": lab.task, "digest": lab.digest()} for lab in labs],
         "data": {
             "episodes": sum(c.meta.total_episodes for c in clients),
@@ -314,16 +437,17 @@ def make_base(
         "aim": aim,
         "parameters": model.parameter_counts(bundle.policy),
         "seconds": {
-            "record": record_seconds,
-            "grounding_frames": frames_seconds,
+            "record": state["seconds"]["record"],
+            "grounding_frames": state["seconds"]["grounding_frames"],
             "grounding": grounding["seconds"],
             "action": action_seconds,
-            "total": time.perf_counter() - t_start,
+            "total": earlier + time.perf_counter() - t_start,
         },
         "created_at": utc_now(),
         "environment": environment(),
     }
     model.save_policy(bundle, Path(out))
     write_json(Path(out) / BASE_RECORD, record)
+    parts.discard()
     log(f"base written to {out} in {record['seconds']['total'] / 60:.1f} min")
     return record

@@ -145,7 +145,12 @@ def cmd_base(args: argparse.Namespace) -> int:
 
     spec = BaseSpec.from_overrides(list(args.set or []))
     out = Path(args.out) if args.out else SHIPPED_BASE
-    record = make_base(spec, out, log=_indented)
+    record = make_base(
+        spec, out, log=_indented, part_minutes=args.part_minutes, part_steps=args.part_steps, fresh=args.fresh
+    )
+    if record is None:
+        print(f"zk0 base: this part is done, the base is not; run the same command again to continue ({out})")
+        return 3
     g, a = record["grounding"]["errors"]["heldout_lab"], record["aim"]
     print(f"zk0 base: {out} ({record['seconds']['total'] / 60:.1f} min)")
     print(
@@ -555,6 +560,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("base", help="pretrain the tiny SmolVLA base on simulated community labs")
     p.add_argument("--out", help="policy folder to write (default: the shipped zk0lib/assets/tiny-base)")
+    p.add_argument(
+        "--part-minutes",
+        type=float,
+        help="end this part after the chunk of action steps that passes M minutes (exit code 3); the same "
+        "command again continues from the last chunk, e.g. until zk0 base --part-minutes 40 ...; do :; done",
+    )
+    p.add_argument("--part-steps", type=int, help="end this part after N more action steps (whole chunks)")
+    p.add_argument("--fresh", action="store_true", help="start over, discarding this base's saved progress")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a BaseSpec field, e.g. --set action_steps=3000")
     p.set_defaults(func=cmd_base)
 
