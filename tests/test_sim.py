@@ -214,6 +214,30 @@ def test_rollout_of_the_expert_and_of_a_still_arm(cache, tmp_path):
     assert all(e["frames"] == 60 for e in still["episodes"])
 
 
+def test_cli_aim_measures_saved_policies_in_the_presets_labs(tmp_path, capsys):
+    """`zk0 sim aim`: the shipped base's first chunk at held-out cube positions in the demo's five labs,
+    against the expert's; a folder without a policy and a preset without labs are refused."""
+    from zk0lib.cli import main
+    from zk0lib.config import SHIPPED_BASE
+
+    out = tmp_path / "aim.json"
+    assert (
+        main(["sim", "aim", "--preset", "demo", "--policy", str(SHIPPED_BASE), "--episodes", "2", "--out", str(out)])
+        == 0
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert set(row["labs"]) == {*CLIENT_LABS, UNSEEN_LAB} and row["episodes"] == 10
+    assert row["expert_pan_spread_deg"] > 1.0 and row["pan_error_deg"] > 0 and row["pan_error_if_mean_deg"] > 0
+    assert (
+        f"| {SHIPPED_BASE} | {row['pan_error_deg']:.1f} | {row['pan_error_if_mean_deg']:.1f} |"
+        in capsys.readouterr().out
+    )
+    assert main(["sim", "aim", "--preset", "demo", "--policy", str(tmp_path)]) == 1
+    assert "no saved policy there" in capsys.readouterr().err
+    assert main(["sim", "aim", "--preset", "smoke", "--policy", str(SHIPPED_BASE)]) == 2
+    assert "no simulated lab" in capsys.readouterr().err
+
+
 def test_wilson_interval():
     lo, hi = wilson_interval(0, 10)
     assert lo == 0.0 and 0.25 < hi < 0.35

@@ -278,6 +278,52 @@ def cmd_sim_variants(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sim_aim(args: argparse.Namespace) -> int:
+    """Does a saved policy aim at the cube from images? Its first chunk's shoulder_pan at held-out cube
+    positions against the expert's, per policy, in the preset's client labs and lab-unseen."""
+    from pathlib import Path
+
+    from zk0lib.config import zk0_home
+    from zk0lib.env import quiet
+    from zk0lib.model import load_policy
+    from zk0lib.runs import write_json
+    from zk0lib.sim.labs import get_lab
+    from zk0lib.sim.rollout import aim_error
+
+    quiet()
+    cfg = _config(args)
+    if args.episodes < 1:
+        raise ConfigError("--episodes: at least one held-out cube position per lab")
+    folders = [Path(x) for x in args.policy]
+    for folder in folders:
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"--policy {folder}: no saved policy there (a folder with config.json and model.safetensors)"
+            )
+    labs = [get_lab(c.lab) for c in [*cfg.data.clients, *cfg.data.eval_only] if c.source == "sim"]
+    if not labs:
+        raise ConfigError(f"preset {args.preset}: no simulated lab among its datasets; aim is measured in the labs")
+    rows = []
+    names = " / ".join(lab.name for lab in labs)
+    print(
+        f"| policy | pan error (deg) | mean-trajectory bar | pan correlation | pan spread / expert's | per lab: {names} |"
+    )
+    print("|---|---|---|---|---|---|")
+    for folder in folders:
+        a = aim_error(load_policy(folder, device=args.device), labs, args.episodes, cfg.seed, cfg.data.sim_image_size)
+        rows.append({"policy": str(folder), **a})
+        per_lab = " / ".join(f"{v['pan_error_deg']:.1f}" for v in a["labs"].values())
+        print(
+            f"| {folder} | {a['pan_error_deg']:.1f} | {a['pan_error_if_mean_deg']:.1f} | {a['pan_correlation']:.2f} "
+            f"| {a['pan_spread_deg']:.1f} / {a['expert_pan_spread_deg']:.1f} | {per_lab} |",
+            flush=True,
+        )
+    out = Path(args.out) if args.out else zk0_home() / "reports" / "aim" / f"{args.preset}.json"
+    write_json(out, {"command": "zk0 " + " ".join(args.argv), "episodes_per_lab": args.episodes, "rows": rows})
+    print(f"zk0 sim aim: {args.episodes} held-out cube positions per lab -> {out}")
+    return 0
+
+
 def cmd_sim_reference(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -616,6 +662,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="leave out the expert and hold-still rows")
     p.add_argument("--out", help="default: reports/reference/<preset>")
     p.set_defaults(func=cmd_sim_reference)
+    p = with_config(
+        sim.add_parser(
+            "aim",
+            help="does a saved policy aim at the cube? its first chunk's pan at held-out cube positions against "
+            "the expert's, next to the mean trajectory's error, in the preset's labs",
+        )
+    )
+    p.add_argument("--policy", nargs="+", required=True, help="saved policy folders (a run's checkpoints/final)")
+    p.add_argument("--episodes", type=int, default=10, help="held-out cube positions per lab")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="default: reports/aim/<preset>.json")
+    p.set_defaults(func=cmd_sim_aim)
     p = with_config(
         sim.add_parser(
             "variants",
