@@ -24,6 +24,47 @@ def test_base_spec_refuses_bad_values():
         BaseSpec.from_overrides(["episodes_per_lab=0"])
     with pytest.raises(ConfigError, match="KEY one of"):
         BaseSpec.from_overrides(["no_such_key=1"])
+    with pytest.raises(ConfigError, match="action_vision must be trained or frozen"):
+        BaseSpec.from_overrides(["action_vision=both"])
+
+
+def test_action_pretraining_on_the_frozen_grounded_vision_path(clients, stats, home):
+    """action_vision=frozen: the vision encoder and connector stop training, the sets serve their cached
+    embeddings, and a training step moves the VLM layers and the expert but not the vision path; with
+    the default, the sets serve pixels and the vision path trains."""
+    import torch
+
+    from zk0lib import data, model, train
+    from zk0lib.base import action_sets, experiment_config
+    from zk0lib.cache import embedding_key
+
+    spec = BaseSpec.from_overrides(["action_vision=frozen", "batch_size=4"])
+    cfg = experiment_config(spec, home / "data_cache")
+    bundle = model.build_policy(cfg, clients[0].meta, stats)
+    sets = action_sets(spec, bundle, clients, home / "data_cache")
+    vlm = bundle.policy.model.vlm_with_expert.get_vlm_model()
+    vision = {
+        n: p.detach().clone() for n, p in [*vlm.vision_model.named_parameters(), *vlm.connector.named_parameters()]
+    }
+    item = sets[0][0]
+    assert embedding_key("observation.images.front") in item and "observation.images.front" not in item
+    before = {n: p.detach().clone() for n, p in bundle.policy.named_parameters() if p.requires_grad}
+    assert before and not any("vision_model" in n or "connector" in n for n in before)
+    assert any(".text_model." in n for n in before) and any("lm_expert" in n for n in before)
+    optimizer, scheduler = train.make_optimizer(bundle.policy, 2, 0)
+    stream = data.BatchStream(torch.utils.data.ConcatDataset(sets), spec.batch_size, 0).batches(0)
+    train.train_steps(bundle, stream, optimizer, scheduler, 2, cfg, label="test")
+    after = dict(bundle.policy.named_parameters())
+    moved = {n for n, p in before.items() if not torch.equal(p, after[n].detach())}
+    assert any(".text_model." in n for n in moved) and any("lm_expert" in n for n in moved)
+    for name, p in [*vlm.vision_model.named_parameters(), *vlm.connector.named_parameters()]:
+        assert torch.equal(p.detach(), vision[name]), name
+
+    trained = BaseSpec()
+    bundle = model.build_policy(experiment_config(trained, home / "data_cache"), clients[0].meta, stats)
+    (pixels, *_) = action_sets(trained, bundle, clients, home / "data_cache")
+    assert "observation.images.front" in pixels[0]
+    assert all(p.requires_grad for p in bundle.policy.model.vlm_with_expert.get_vlm_model().vision_model.parameters())
 
 
 SETTINGS = [

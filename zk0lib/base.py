@@ -8,7 +8,8 @@ The tiny base is made in the same two stages, in simulated community labs that n
 1. grounding (the VLM's pretraining): the vision encoder and connector learn, from lab frames labelled
    with the cube's and target's positions, to put where things are into the image tokens;
 2. action pretraining: the whole policy (vision encoder, VLM layers, expert, projections) learns the
-   pick-and-place demonstrations of the community labs with SmolVLA's own flow-matching loss.
+   pick-and-place demonstrations of the community labs with SmolVLA's own flow-matching loss; with
+   action_vision=frozen, everything but the vision encoder and connector, on their cached features.
 
 The result is a lerobot policy folder (`SmolVLAPolicy.from_pretrained` loads it) with `zk0_base.json`:
 the spec it was made from, the community labs, the losses, the step times and the aim diagnostic.
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 BASE_RECORD = "zk0_base.json"
+ACTION_VISION = ("trained", "frozen")
 HELDOUT_LABS = 8  # community labs whose held-out episodes give the base's held-out loss
 
 
@@ -57,6 +59,10 @@ class BaseSpec:
     num_workers: int = 1
     aim_episodes: int = 10  # held-out cube positions per lab for the aim diagnostic
     record_workers: int = 2
+    # trained: action pretraining trains the vision encoder and connector too (decoding every frame);
+    # frozen: they keep grounding's weights and the action stage reads their cached image features, as
+    # SmolVLA's own pretraining reads a frozen vision path: many times the samples per CPU minute
+    action_vision: str = "trained"
 
     @classmethod
     def from_overrides(cls, overrides: list[str] | None = None) -> BaseSpec:
@@ -74,8 +80,10 @@ class BaseSpec:
         problems = [
             f"{k} must be {'>= 0' if k in may_be_zero else '> 0'} (got {getattr(spec, k)})"
             for k in hints
-            if getattr(spec, k) < 0 or (getattr(spec, k) == 0 and k not in may_be_zero)
+            if hints[k] is not str and (getattr(spec, k) < 0 or (getattr(spec, k) == 0 and k not in may_be_zero))
         ]
+        if spec.action_vision not in ACTION_VISION:
+            problems.append(f"action_vision must be {' or '.join(ACTION_VISION)} (got {spec.action_vision!r})")
         if spec.heldout_episodes >= spec.episodes_per_lab:
             problems.append("heldout_episodes must be fewer than episodes_per_lab")
         if problems:
@@ -114,6 +122,25 @@ def experiment_config(spec: BaseSpec, cache_dir: Path) -> Any:
         eval=EvalConfig(batch_size=16, max_frames=400, action_frames=40, bootstrap=1000),
         output=OutputConfig(data_cache=str(cache_dir)),
     )
+
+
+def action_sets(spec: BaseSpec, bundle: Any, clients: list, cache_dir: Path) -> list:
+    """The community labs' training episodes for action pretraining. With action_vision=frozen the vision
+    encoder and connector stop training here, at grounding's weights, and the sets serve their image
+    embeddings, computed once per frame (cache.py); otherwise every step decodes and embeds the frames."""
+    from zk0lib import data
+
+    if spec.action_vision != "frozen":
+        return [data.open_dataset(c, c.train_episodes, bundle.config, None) for c in clients]
+    from zk0lib.cache import with_image_features
+
+    vlm = bundle.policy.model.vlm_with_expert.get_vlm_model()
+    for module in (vlm.vision_model, vlm.connector):
+        module.requires_grad_(False)
+    return [
+        with_image_features(data.open_dataset(c, c.train_episodes, bundle.config, None, cache_dir), bundle, cache_dir)
+        for c in clients
+    ]
 
 
 # ----------------------------------------------------------------------------- stage 1: grounding
@@ -347,7 +374,7 @@ def make_base(
     )
 
     pc = bundle.config
-    train_sets = [data.open_dataset(c, c.train_episodes, pc, None) for c in clients]
+    train_sets = action_sets(spec, bundle, clients, cache_dir)  # before the optimizer: it takes what trains
     judged = [c for c in clients if c.heldout_episodes][:HELDOUT_LABS]
     held_sets = {c.name: data.open_dataset(c, c.heldout_episodes, pc, None) for c in judged}
     optimizer, scheduler = train.make_optimizer(bundle.policy, spec.action_steps, 0)
