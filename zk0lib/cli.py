@@ -699,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     from zk0lib import env
 
     env.stop_cleanly_on_signals()
+    if hasattr(sys.stdout, "reconfigure"):  # progress shows line by line through `| tee log` or a file too
+        sys.stdout.reconfigure(line_buffering=True)
     try:
         return args.func(args)
     except ConfigError as e:
