@@ -706,6 +706,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"zk0: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`zk0 config | head`): stop quietly, as Unix tools do on SIGPIPE
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (KeyboardInterrupt, env.Stopped) as e:
         how = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
         print(
