@@ -248,6 +248,18 @@ def _int_list(text: str, flag: str) -> list[int | None]:
         raise ConfigError(f"{flag} {text!r}: give whole numbers separated by commas, e.g. {flag} 10,5") from e
 
 
+def _saved_policy(path: str):
+    """A --policy folder, refused with the fix unless a saved policy is there."""
+    from pathlib import Path
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--policy {folder}: no saved policy there (a folder with config.json and model.safetensors)"
+        )
+    return folder
+
+
 def cmd_sim_variants(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -256,11 +268,7 @@ def cmd_sim_variants(args: argparse.Namespace) -> int:
 
     quiet()
     cfg = _config(args)
-    folder = Path(args.policy)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--policy {folder}: no saved policy there (a folder with config.json and model.safetensors)"
-        )
+    folder = _saved_policy(args.policy)
     variants = [
         {"n_action_steps": n, "denoise_steps": k}
         for n in _int_list(args.n_action_steps, "--n-action-steps")
@@ -285,6 +293,7 @@ def cmd_sim_aim(args: argparse.Namespace) -> int:
 
     from zk0lib.config import zk0_home
     from zk0lib.env import quiet
+    from zk0lib.evaluation import sim_labs
     from zk0lib.model import load_policy
     from zk0lib.runs import write_json
     from zk0lib.sim.labs import get_lab
@@ -294,13 +303,8 @@ def cmd_sim_aim(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.episodes < 1:
         raise ConfigError("--episodes: at least one held-out cube position per lab")
-    folders = [Path(x) for x in args.policy]
-    for folder in folders:
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(
-                f"--policy {folder}: no saved policy there (a folder with config.json and model.safetensors)"
-            )
-    labs = [get_lab(c.lab) for c in [*cfg.data.clients, *cfg.data.eval_only] if c.source == "sim"]
+    folders = [_saved_policy(x) for x in args.policy]
+    labs = [get_lab(spec.lab) for spec, _ in sim_labs(cfg).values()]
     if not labs:
         raise ConfigError(f"preset {args.preset}: no simulated lab among its datasets; aim is measured in the labs")
     rows = []
