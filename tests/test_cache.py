@@ -109,3 +109,30 @@ def test_tasks_are_tokenized_once_with_the_batch_padding(clients, stats, smoke_c
         b = plain.preprocessor(data.collate_or_skip(batch_items))
         for key in ("observation.language.tokens", "observation.language.attention_mask"):
             assert torch.equal(a[key], b[key]), key
+
+
+def test_the_vlm_layers_learn_to_read_cached_features_with_the_connector_frozen(cached_cfg, clients, stats):
+    """model.freeze_connector with train_expert_only off: the VLM layers train, the vision path stays frozen,
+    so the features cache serves it, and a step moves the VLM layers and leaves the connector as it was."""
+    overrides = {"data.cache": "features", "model.train_expert_only": False, "model.freeze_connector": True}
+    assert load_config("smoke", overrides).model.freeze_connector
+    cfg = copy.deepcopy(cached_cfg)
+    cfg.model.train_expert_only, cfg.model.freeze_connector, cfg.data.cache = False, True, "features"
+    bundle = model.build_policy(cfg, clients[0].meta, stats)
+    names = [n for n, _ in model.trainable_parameters(bundle.policy)]
+    assert any(".text_model.layers.0." in n for n in names), names
+    assert not any(".connector." in n or ".vision_model." in n for n in names)
+    frames = data.open_for(cfg, clients[0], clients[0].train_episodes, bundle.config)
+    embedded = data.embedded_for(cfg, frames, bundle)
+    assert isinstance(embedded, cache.EmbeddedItems)
+    policy = bundle.policy
+    policy.train()
+    vlm = policy.model.vlm_with_expert.get_vlm_model()
+    layer = dict(vlm.text_model.named_parameters())["layers.0.self_attn.q_proj.weight"]
+    before = {"layer": layer.detach().clone(), "connector": [q.detach().clone() for q in vlm.connector.parameters()]}
+    optimizer = torch.optim.SGD([q for _, q in model.trainable_parameters(policy)], lr=0.1)
+    batch = bundle.preprocessor(data.collate_or_skip([embedded[i] for i in range(4)]))
+    policy.forward(batch)[0].backward()
+    optimizer.step()
+    assert not torch.equal(layer, before["layer"])
+    assert all(torch.equal(q, b) for q, b in zip(vlm.connector.parameters(), before["connector"], strict=True))

@@ -277,7 +277,8 @@ def frozen_image_path(policy: Any) -> list[torch.nn.Module]:
     if trainable:
         raise ValueError(
             f"image features cannot be cached while the vision path trains ({len(trainable)} trainable tensors, e.g. "
-            f"{trainable[0]}): keep model.freeze_vision_encoder and model.train_expert_only on, or use the frame cache"
+            f"{trainable[0]}): keep model.freeze_vision_encoder on and model.train_expert_only (or "
+            "model.freeze_connector) on, or use the frame cache"
         )
     return modules
 

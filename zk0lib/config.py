@@ -100,9 +100,10 @@ class DataConfig:
         p.need(d.synthetic_image_size >= 16, f"data.synthetic_image_size must be >= 16 (got {d.synthetic_image_size})")
         p.need(d.cache in CACHES, f"data.cache must be one of {', '.join(CACHES)} (got {d.cache!r})")
         p.need(
-            d.cache != "features" or (cfg.model.freeze_vision_encoder and cfg.model.train_expert_only),
-            "data.cache=features needs the vision path frozen (model.freeze_vision_encoder and "
-            "model.train_expert_only true); use data.cache=frames",
+            d.cache != "features"
+            or (cfg.model.freeze_vision_encoder and (cfg.model.train_expert_only or cfg.model.freeze_connector)),
+            "data.cache=features needs the vision path frozen (model.freeze_vision_encoder true, and "
+            "model.train_expert_only or model.freeze_connector true); use data.cache=frames",
         )
         p.need(
             d.video_backend in (None, "torchcodec", "pyav"),
@@ -168,6 +169,10 @@ class ModelConfig:
     num_denoise_steps: int = 10
     freeze_vision_encoder: bool = True
     train_expert_only: bool = True
+    # with train_expert_only off, lerobot trains the connector and the VLM layers; freeze_connector keeps the
+    # connector (the vision path's last module) frozen too, so the VLM layers learn to read the image features
+    # while those features stay cacheable (data.cache=features)
+    freeze_connector: bool = False
     train_state_proj: bool = True
     init_seed: int = 0  # random init of the tiny model (identical in every process)
     # "told the answer" (the closed-loop ladder's rung 1): the recording's observation.environment_state

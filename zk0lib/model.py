@@ -322,6 +322,9 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
         if "offline" in str(e).lower() or "not found" in str(e).lower() or "connect" in str(e).lower():
             raise ModelNotAvailableError(_missing_model_message(cfg.model.pretrained, e)) from e
         raise
+    if cfg.model.freeze_connector:
+        for param in policy.model.vlm_with_expert.get_vlm_model().connector.parameters():
+            param.requires_grad = False
     if cfg.model.peft.method == "lora":
         policy = wrap_with_lora(policy, cfg.model.peft, cfg.model.init_seed)
     norm_features = {**pc.input_features, **pc.output_features}
