@@ -1,4 +1,5 @@
-"""The server's round in process: Flower's real strategies behind zk0's transport, checked by hand.
+"""The server's round in process: Flower's real strategies (and DP wrappers) behind zk0's transport, checked
+by hand.
 
 Each test has the server build the messages its strategy's `configure_train` asks for, answers them as
 clients would (`Message(..., reply_to=...)`), and lets the server screen them and the strategy aggregate:
@@ -15,11 +16,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore import differential_privacy as flwr_dp
 from flwr.supercore.task_identity import TaskIdentity
 
 from zk0lib import train
-from zk0lib.config import load_config
-from zk0lib.fl import client_app, transport
+from zk0lib.config import ConfigError, load_config
+from zk0lib.fl import client_app, privacy, transport
 from zk0lib.fl.server_app import FederatedServer, RoundData
 from zk0lib.fl.strategy import make_strategy, round_configs, update_weight
 from zk0lib.runs import RunRecord
@@ -80,12 +82,13 @@ def _reply(msg: Message, local_w, received, dtype: str, num_examples: int, pid: 
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 
-def _round(cfg, local: dict[int, dict], examples: dict[int, int], global_w):
-    """Configure, answer (client pid with local[pid], num-examples examples[pid]) and aggregate one round."""
+def _round(cfg, local: dict[int, dict], examples: dict[int, int], global_w, strategy=None, server_round=1):
+    """Configure, answer (client pid with local[pid], num-examples examples[pid]) and aggregate one round
+    (with the strategy the server would make, privacy wrapper included, unless one is given)."""
     nodes = [101, 57, 9, 230][: len(cfg.data.clients)]
     server = _server(cfg, nodes)
-    strategy = make_strategy(cfg)
-    rd, messages = _train_messages(server, strategy, global_w)
+    strategy = strategy or privacy.with_privacy(cfg, make_strategy(cfg))
+    rd, messages = _train_messages(server, strategy, global_w, server_round)
     replies = []
     for m in messages:
         pid = server.partitions[m.metadata.dst_node_id]
@@ -217,3 +220,111 @@ def test_a_process_keeps_one_live_batch_stream(smoke_cfg):
         time.sleep(0.2)
     assert len(me.children()) == before + 1  # the first client's worker is gone
     second.stream.close()
+
+
+# ----------------------------------------------------------------------------- differential privacy
+
+
+def _dp_cfg(**settings):
+    cfg = _cfg(2, strategy="fedavg", weighting="uniform")
+    cfg.privacy.mode = "server-clipping"
+    for key, value in settings.items():
+        setattr(cfg.privacy, key, value)
+    return cfg
+
+
+def _big(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Enough numbers (20,100) to measure a noise's standard deviation to ~1%."""
+    g = torch.Generator().manual_seed(seed)
+    return {"a.weight": scale * torch.randn(200, 100, generator=g), "a.bias": scale * torch.randn(100, generator=g)}
+
+
+def _norm(w: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((v**2).sum() for v in w.values())))
+
+
+def test_server_side_dp_clips_each_clients_update_to_the_clipping_norm():
+    cfg = _dp_cfg(clipping_norm=0.5, noise_multiplier=1e-9)  # noise far below float precision of the check
+    global_w = _big(0)
+    updates = {0: _big(1, 3.0), 1: _big(2, 0.001)}  # norm ~430: clipped; norm ~0.14: left as it is
+    local = {i: {k: global_w[k] + u[k] for k in global_w} for i, u in updates.items()}
+    out, _, _ = _round(cfg, local, {0: 64, 1: 64}, global_w)
+    scale = [min(1.0, 0.5 / _norm(updates[i])) for i in range(2)]
+    assert scale[0] < 0.01 and scale[1] == 1.0
+    for k in global_w:
+        expected = global_w[k] + (scale[0] * updates[0][k] + scale[1] * updates[1][k]) / 2
+        torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-5)
+    assert _norm({k: out[k] - global_w[k] for k in out}) <= 0.5  # no client moves the mean further than C / n x n
+
+
+@pytest.mark.parametrize("noise_multiplier", [0.5, 2.0])
+def test_server_side_dp_adds_gaussian_noise_of_the_std_flower_computes(noise_multiplier):
+    """Clients that barely moved (1e-6): what changes the global weights is the noise, with standard deviation
+    noise_multiplier x clipping_norm / clients sampled; it grows with the multiplier."""
+    cfg = _dp_cfg(clipping_norm=0.2, noise_multiplier=noise_multiplier)
+    global_w = _big(0)
+    still = {k: v + 1e-6 for k, v in global_w.items()}
+    np.random.seed(0)  # Flower draws the noise from numpy's global generator
+    out, _, _ = _round(cfg, {0: still, 1: still}, {0: 64, 1: 64}, global_w)
+    noise = torch.cat([(out[k] - still[k]).flatten() for k in out])
+    expected = noise_multiplier * 0.2 / 2
+    assert abs(float(noise.std()) - expected) < 0.03 * expected
+    assert abs(float(noise.mean())) < 0.03 * expected
+
+
+def test_the_privacy_budget_is_counted_per_round_and_the_run_stops_before_passing_it():
+    cfg = _dp_cfg(noise_multiplier=1.0)
+    cfg.fl.num_rounds = 3
+    eps = [privacy.epsilon_after(cfg, r) for r in range(4)]
+    assert eps[0] == 0 and eps[1] < eps[2] < eps[3]
+    cfg.privacy.max_epsilon = (eps[2] + eps[3]) / 2
+    assert "allows 2 of 3 rounds" in privacy.plan(cfg)
+    global_w, strategy = _big(0), privacy.with_privacy(cfg, make_strategy(cfg))
+    for r in (1, 2):
+        local = {i: {k: v + 0.01 * (i + 1) for k, v in global_w.items()} for i in range(2)}
+        global_w, _, _ = _round(cfg, local, {0: 64, 1: 64}, global_w, strategy=strategy, server_round=r)
+        record = privacy.privacy_record(strategy)
+        assert record["releases"] == r and record["epsilon"] == pytest.approx(eps[r], rel=1e-9)
+        assert record["delta"] == cfg.privacy.target_delta and record["noise_std"] == pytest.approx(0.5)
+    with pytest.raises(privacy.PrivacyBudgetExhausted, match="would exceed max_epsilon"):
+        _round(cfg, {0: global_w, 1: global_w}, {0: 64, 1: 64}, global_w, strategy=strategy, server_round=3)
+    # a client that did not move is refused by name, not a ZeroDivisionError inside Flower's clipping
+    with pytest.raises(RuntimeError, match="update is exactly zero"):
+        _round(cfg, {0: global_w, 1: global_w}, {0: 64, 1: 64}, global_w)
+    # what a resumed run restores: the accountant's ledger, so the count goes on where it stopped
+    again = privacy.with_privacy(cfg, make_strategy(cfg))
+    privacy.restore_privacy(again, privacy.privacy_state(strategy))
+    assert privacy.privacy_record(again)["epsilon"] == pytest.approx(eps[2], rel=1e-9)
+
+
+def test_flowers_adaptive_clipping_still_moves_its_norm_the_wrong_way():
+    """Why privacy.mode=adaptive is refused: with every update clipped (norm 1 against 0.1), Andrew et al.'s
+    rule grows the norm; flwr 1.41's shrinks it, round after round. When this fails, Flower has fixed it."""
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping, FedAvg
+
+    strategy = DifferentialPrivacyServerSideAdaptiveClipping(
+        FedAvg(), 0.0, 2, initial_clipping_norm=0.1, target_clipped_quantile=0.5, clipped_count_stddev=0.0
+    )
+    for _ in range(5):
+        update = [np.full(100, 0.1)]  # norm 1
+        clipped = sum(
+            flwr_dp.adaptive_clip_inputs_inplace([u.copy() for u in update], strategy.clipping_norm) for _ in range(2)
+        )
+        strategy._geometric_update(strategy._noisy_fraction(clipped, 2))
+    assert strategy.clipping_norm < 0.1 * 0.65
+
+
+def test_privacy_settings_flower_cannot_account_are_refused():
+    base = {"privacy.mode": "server-clipping", "fl.weighting": "uniform"}
+    assert load_config("smoke", base).privacy.on and not load_config("smoke").privacy.on
+    refusals = [
+        ({"fl.strategy": "fedadam"}, "counts a FedAvg mean"),
+        ({"fl.weighting": "frames"}, "set fl.weighting=uniform"),
+        ({"privacy.noise_multiplier": 0}, "privacy.noise_multiplier must be > 0 to count epsilon"),
+        ({"privacy.mode": "adaptive"}, "shrinks the norm when most updates are clipped"),
+        ({"privacy.mode": "local"}, "privacy.mode: one of off, server-clipping"),
+        ({"privacy.target_delta": 1.5}, "privacy.target_delta must be in"),
+    ]
+    for overrides, message in refusals:
+        with pytest.raises(ConfigError, match=message):
+            load_config("smoke", {**base, **overrides})

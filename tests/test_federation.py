@@ -259,3 +259,44 @@ def test_eight_clients_on_two_actors_keep_one_stream_each(zk0_cli, home):
         early = max(m["rss_with_children_mib"] for rnd, m in served if rnd == 1)
         late = max(m["rss_with_children_mib"] for rnd, m in served if rnd == 2)
         assert late <= early * 1.1 + 64, (early, late)
+
+
+def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_epsilon(zk0_cli, home):
+    """privacy.mode=server-clipping on a real Flower run with bf16 deltas on the wire: every round records
+    the epsilon Flower's accountant counts, the run ends cleanly before the round that would pass
+    max_epsilon with its last good round kept, and the resume state carries the accountant's ledger."""
+    from zk0lib.fl import privacy
+    from zk0lib.fl.strategy import make_strategy
+    from zk0lib.runs import load_resume_state
+
+    overrides = {
+        "fl.num_rounds": "3",
+        "fl.weighting": "uniform",
+        "fl.transport_dtype": "bfloat16",
+        "privacy.mode": "server-clipping",
+        "privacy.noise_multiplier": "1.0",
+        "privacy.clipping_norm": "0.05",
+    }
+    cfg = load_config("smoke", overrides)
+    eps = [privacy.epsilon_after(cfg, r) for r in range(4)]
+    overrides["privacy.max_epsilon"] = f"{(eps[2] + eps[3]) / 2:.6f}"
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-private", *sets)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "privacy: server-side clipping at 0.05" in out.stdout and "allows 2 of 3 rounds" in out.stdout
+    assert "stopped before round 3: privacy budget" in out.stdout
+    run = RunRecord(home / "reports" / "runs" / "e2e-private")
+    summary, rounds = run.summary(), run.rounds()
+    assert summary["status"] == "completed" and summary["stopped"]["rounds_trained"] == 2
+    assert [r["round"] for r in rounds] == [0, 1, 2] and "privacy" not in rounds[0]
+    for r in rounds[1:]:
+        p = r["privacy"]
+        assert p["releases"] == r["round"] and p["epsilon"] == pytest.approx(eps[r["round"]], rel=1e-6)
+        assert p["delta"] == 1e-5 and p["noise_std"] == pytest.approx(0.025)
+        assert all(m["update_norm"] > 0.05 for m in r["train"]["clients"].values())  # the clipping binds
+    assert summary["privacy"]["epsilon"] == rounds[-1]["privacy"]["epsilon"] <= float(overrides["privacy.max_epsilon"])
+    assert (run.path / "checkpoints" / "final" / "model.safetensors").exists()
+    # a resumed run goes on counting from the saved ledger
+    strategy = privacy.with_privacy(run.config(), make_strategy(run.config()))
+    privacy.restore_privacy(strategy, load_resume_state(run)["extra"]["privacy"])
+    assert privacy.privacy_record(strategy)["epsilon"] == pytest.approx(eps[2], rel=1e-9)

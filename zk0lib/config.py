@@ -316,6 +316,62 @@ class FLConfig:
         return p
 
 
+PRIVACY_MODES = ("off", "server-clipping")
+
+
+@dataclass
+class PrivacyConfig:
+    """Client-level differential privacy through Flower's strategy wrappers (zk0lib/fl/privacy.py)."""
+
+    # off; server-clipping: Flower's DifferentialPrivacyServerSideFixedClipping, each client's update clipped
+    # to clipping_norm, Gaussian noise of std noise_multiplier x clipping_norm / (clients sampled) on the mean,
+    # epsilon counted by Flower's RDP accountant. Flower's adaptive clipping is not offered: in flwr 1.41 it
+    # moves the norm away from its target quantile (tests/test_aggregation.py shows it)
+    mode: str = "off"
+    noise_multiplier: float = 1.0
+    clipping_norm: float = 1.0
+    target_delta: float = 1e-5  # the delta epsilon is reported at
+    max_epsilon: float | None = None  # the run stops before a round that would pass it
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+    def problems(self, cfg: ExperimentConfig) -> list[str]:
+        """What is wrong with the privacy section."""
+        p = _Problems()
+        v = self
+        p.need(
+            v.mode != "adaptive",
+            "privacy.mode=adaptive: Flower 1.41's adaptive clipping shrinks the norm when most updates are "
+            "clipped (it should grow), so zk0 does not offer it; use server-clipping with a fixed clipping_norm",
+        )
+        p.need(
+            v.mode in PRIVACY_MODES or v.mode == "adaptive",
+            f"privacy.mode: one of {', '.join(PRIVACY_MODES)}, got {v.mode!r}",
+        )
+        if not v.on:
+            return p
+        p.need(
+            v.noise_multiplier > 0, f"privacy.noise_multiplier must be > 0 to count epsilon (got {v.noise_multiplier})"
+        )
+        p.need(v.clipping_norm > 0, f"privacy.clipping_norm must be > 0 (got {v.clipping_norm})")
+        p.need(0 < v.target_delta < 1, f"privacy.target_delta must be in (0, 1) (got {v.target_delta})")
+        p.need(v.max_epsilon is None or v.max_epsilon > 0, f"privacy.max_epsilon must be > 0 (got {v.max_epsilon})")
+        # what Flower's accountant counts: a FedAvg mean of equally weighted updates
+        p.need(
+            cfg.fl.strategy in ("fedavg", "fedprox"),
+            f"privacy.mode=server-clipping: Flower's accountant counts a FedAvg mean (fl.strategy fedavg or "
+            f"fedprox), not fl.strategy={cfg.fl.strategy}",
+        )
+        p.need(
+            cfg.fl.weighting == "uniform",
+            "privacy.mode=server-clipping: every client's update must weigh the same for the noise to cover "
+            "it: set fl.weighting=uniform",
+        )
+        return p
+
+
 @dataclass
 class EvalConfig:
     every: int = 1  # evaluate the global model every N rounds (and always after the last)
@@ -390,6 +446,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     fl: FLConfig = field(default_factory=FLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -692,7 +749,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     """Check every value; raise one ConfigError that lists all problems with their keys."""
     errors = _Problems()
     errors.need(cfg.preset in PRESETS, f"preset: unknown preset {cfg.preset!r} (choose {', '.join(PRESETS)})")
-    for section in (cfg.data, cfg.model, cfg.train, cfg.fl, cfg.eval, cfg.output):
+    for section in (cfg.data, cfg.model, cfg.train, cfg.fl, cfg.eval, cfg.privacy, cfg.output):
         errors.extend(section.problems(cfg))
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))

@@ -244,9 +244,12 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
 
 
-def save_resume_state(run: RunRecord, server_round: int, arrays: Any, strategy: dict, book: Any) -> None:
+def save_resume_state(
+    run: RunRecord, server_round: int, arrays: Any, strategy: dict, book: Any, extra: dict | None = None
+) -> None:
     """checkpoints/resume: the global trainable weights (fp32), the strategy's state (server moments),
-    the round, the book's best/totals and the RNG states, swapped in whole after each round."""
+    the round, the book's best/totals, the RNG states and `extra` (JSON: the privacy accountant's ledger),
+    swapped in whole after each round."""
     from safetensors.numpy import save_file
 
     final = run.checkpoint("resume")
@@ -256,7 +259,10 @@ def save_resume_state(run: RunRecord, server_round: int, arrays: Any, strategy: 
     save_file({k: a.numpy() for k, a in arrays.items()}, str(tmp / "global.safetensors"))
     flat = {f"{name}/{k}": v for name, values in strategy.items() for k, v in values.items()}
     save_file(flat, str(tmp / "strategy.safetensors"))
-    write_json(tmp / "state.json", {"round": server_round, "book": book.state(), "rng": _rng_state()})
+    write_json(
+        tmp / "state.json",
+        {"round": server_round, "book": book.state(), "rng": _rng_state(), "extra": extra or {}},
+    )
     # state.json is written last, so a folder that has one is complete. A crash between the two renames
     # leaves only .resume.old: _resume_folder falls back to it (the previous round, redone on resume).
     if final.exists():
@@ -298,6 +304,7 @@ def load_resume_state(run: RunRecord) -> dict[str, Any] | None:
         "round": state["round"],
         "book": state["book"],
         "strategy": strategy,
+        "extra": state.get("extra", {}),
         "arrays": load_file(str(folder / "global.safetensors")),
     }
 

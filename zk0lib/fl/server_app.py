@@ -25,6 +25,15 @@ from zk0lib.book import RoundBook, eval_record
 from zk0lib.config import ExperimentConfig
 from zk0lib.evaluation import HeldOutSets, closed_loop, eval_due, rollout_due
 from zk0lib.fl.client_app import eval_from_metrics
+from zk0lib.fl.privacy import (
+    PrivacyBudgetExhausted,
+    inner_strategy,
+    plan,
+    privacy_record,
+    privacy_state,
+    restore_privacy,
+    with_privacy,
+)
 from zk0lib.fl.startup import describe_clients, federation_meta, pooled_stats_record, wait_for_nodes
 from zk0lib.fl.strategy import PartitionOrder, make_strategy, restore_strategy, round_configs, strategy_state
 from zk0lib.fl.transport import (
@@ -58,6 +67,7 @@ class RoundData:
     serialize_seconds: float = 0.0
     decode_seconds: float = 0.0
     train_seconds: float | None = None
+    privacy: dict[str, Any] | None = None  # the DP wrapper's clipping, noise and budget after this round
 
 
 class FederatedServer:
@@ -70,6 +80,7 @@ class FederatedServer:
         self.stats_record = ArrayRecord()
         self.book = RoundBook(cfg, run)
         self.resume_seconds: list[float] = []  # time to write checkpoints/resume, per round of this process
+        self.stopped: dict[str, Any] | None = None  # why the run ended before its last round (privacy budget)
 
     # -- the run
     def run_rounds(self) -> None:
@@ -99,7 +110,7 @@ class FederatedServer:
         started["open_eval_sets"] = time.perf_counter() - t
         self.run.update_summary(startup_seconds=started)
         train_config, evaluate_config = round_configs(cfg, model.frozen_fingerprint(self.bundle.policy))
-        strategy = make_strategy(cfg)
+        strategy = with_privacy(cfg, make_strategy(cfg))
         arrays = to_numpy_record(model.get_trainable(self.bundle.policy))
         first = 1
         if self.resume:
@@ -109,12 +120,25 @@ class FederatedServer:
             f"strategy {cfg.fl.strategy}, {cfg.fl.num_rounds} rounds x {cfg.train.local_steps} local steps"
             + (f", resumed after round {first - 1}" if first > 1 else "")
         )
+        if cfg.privacy.on:
+            self.book.log(plan(cfg))
         if first == 1:  # the starting model, judged as every later round is
             start = RoundData(0)
             self.evaluate_on_clients(strategy, start, arrays, evaluate_config)
             self.end_of_round(start, arrays)
         for server_round in range(first, cfg.fl.num_rounds + 1):
-            arrays = self.one_round(strategy, server_round, arrays, train_config, evaluate_config)
+            try:
+                arrays = self.one_round(strategy, server_round, arrays, train_config, evaluate_config)
+            except PrivacyBudgetExhausted as e:  # raised before the round's messages go out: nothing half-done
+                self.stopped = {
+                    "reason": f"privacy budget: {e}",
+                    "rounds_trained": server_round - 1,
+                    "rounds_planned": cfg.fl.num_rounds,
+                }
+                self.book.log(f"stopped before round {server_round}: {self.stopped['reason']}")
+                if server_round > 1 and cfg.output.save_checkpoints:  # the last good round is the final model
+                    model.save_policy(self.bundle, self.run.checkpoint("final"))
+                break
 
     def one_round(
         self,
@@ -131,10 +155,18 @@ class FederatedServer:
         replies = self.grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout_s)
         aggregated = self.aggregate(strategy, rd, replies)
         arrays = aggregated if aggregated is not None else arrays
+        rd.privacy = privacy_record(strategy)
         self.evaluate_on_clients(strategy, rd, arrays, eval_config)
         self.end_of_round(rd, arrays)
         t = time.perf_counter()
-        save_resume_state(self.run, server_round, arrays, strategy_state(strategy), self.book)
+        save_resume_state(
+            self.run,
+            server_round,
+            arrays,
+            strategy_state(inner_strategy(strategy)),
+            self.book,
+            extra={"privacy": privacy_state(strategy)},
+        )
         self.resume_seconds.append(time.perf_counter() - t)
         self.run.update_summary(resume_checkpoint_seconds=self.resume_seconds)
         return arrays
@@ -207,7 +239,8 @@ class FederatedServer:
         state = load_resume_state(self.run)
         if state is None:
             raise RuntimeError(f"run {self.run.run_id} has no resumable round (checkpoints/resume is missing)")
-        restore_strategy(strategy, state["strategy"])
+        restore_strategy(inner_strategy(strategy), state["strategy"])
+        restore_privacy(strategy, state["extra"].get("privacy", {}))
         self.book.restore(state["book"])
         return state["round"] + 1, to_numpy_record({k: torch.from_numpy(v) for k, v in state["arrays"].items()})
 
@@ -226,11 +259,14 @@ class FederatedServer:
                 continue
             arrays = reply.content["arrays"]
             rd.bytes_received += payload_bytes(arrays)
-            weights, problem = screen_update(arrays, rd.global_w, self.cfg.fl.max_update_norm)
+            weights, problem = screen_update(
+                arrays, rd.global_w, self.cfg.fl.max_update_norm, reject_zero=self.cfg.privacy.on
+            )
             if problem is not None:
                 rd.failures.append({"client": name, "round": rd.server_round, "reason": f"rejected: {problem}"})
                 continue
-            reply.content["arrays"] = to_numpy_record(weights)
+            # in the global weights' order: Flower's DP wrappers pair reply and global arrays by position
+            reply.content["arrays"] = to_numpy_record({k: weights[k] for k in rd.global_w})
             metrics = dict(reply.content["metrics"])
             rd.train[name] = {k: v for k, v in metrics.items() if k != "num-examples"}
             rd.train[name]["weight"] = float(metrics["num-examples"])
@@ -279,6 +315,9 @@ class FederatedServer:
             record["bytes_sent"] = sum(rd.bytes_sent.values())
         if evals or extra:
             record["eval"] = judged
+        if rd.privacy is not None:
+            record["privacy"] = rd.privacy
+            self.run.update_summary(privacy=rd.privacy)
         t_rollout = time.perf_counter()
         if rollout_due(cfg, server_round):
             videos = self.run.path / "videos" / f"round{server_round:03d}" if cfg.eval.rollout_videos else None
@@ -332,4 +371,4 @@ def server_main(grid: Grid, context: Context) -> None:
     except BaseException as e:
         server.book.fail(e)
         raise
-    server.book.complete()
+    server.book.complete(**({"stopped": server.stopped} if server.stopped else {}))

@@ -129,10 +129,11 @@ def check_update(arrays: ArrayRecord, global_w: dict[str, torch.Tensor]) -> str 
 
 
 def screen_update(
-    arrays: ArrayRecord, global_w: dict[str, torch.Tensor], max_norm: float
+    arrays: ArrayRecord, global_w: dict[str, torch.Tensor], max_norm: float, reject_zero: bool = False
 ) -> tuple[OrderedDict | None, str | None]:
     """(the client's weights, None) when an update may be aggregated, else (None, why not): same keys,
-    shapes and dtypes as the global weights, finite values, ||update|| <= max_norm."""
+    shapes and dtypes as the global weights, finite values, ||update|| <= max_norm (and > 0 with
+    `reject_zero`: Flower 1.41's DP clipping divides by the norm, flwrlabs/flower#7631)."""
     problem = check_update(arrays, global_w)
     if problem is not None:
         return None, problem
@@ -142,4 +143,6 @@ def screen_update(
     norm = math.sqrt(sum(float(((w - global_w[k]) ** 2).sum()) for k, w in weights.items()))
     if norm > max_norm:
         return None, f"update norm {norm:.4g} exceeds fl.max_update_norm={max_norm:g}"
+    if reject_zero and norm == 0:
+        return None, "update is exactly zero (the client did not move); DP clipping cannot scale it"
     return weights, None

@@ -1,0 +1,124 @@
+"""Client-level differential privacy: Flower's own strategy wrappers around the configured strategy, and
+the budget Flower's RDP accountant (Google's dp-accounting, through `flwr[dp]`) counts.
+
+privacy.mode=server-clipping is central DP with a trusted server (McMahan et al. 2018): the server clips
+every client's update (its trainable weights minus the global weights it was sent) to
+`privacy.clipping_norm`, takes the mean of equally weighted updates and adds Gaussian noise of standard
+deviation noise_multiplier x clipping_norm / (clients sampled). One round is one release to the
+accountant; a round that would take epsilon past `privacy.max_epsilon` is never started.
+privacy.mode=adaptive learns the clipping norm towards a quantile of the update norms (Andrew et al. 2021);
+Flower's accountant does not count it, so no epsilon is reported for it.
+
+zk0's transport is unchanged under DP: the wrappers see the screened replies as fp32 weights in the global
+weights' key order, whatever encoding travelled (fp32 weights or bf16 deltas).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.exception import PrivacyBudgetExhausted
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.supercore.differential_privacy import compute_stdv
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+
+from zk0lib.config import ExperimentConfig
+
+__all__ = ["PrivacyBudgetExhausted", "with_privacy", "inner_strategy", "privacy_record", "plan"]
+
+
+def accountant(cfg: ExperimentConfig) -> Any:
+    """Flower's RDP accountant for this federation: client-level (add or remove one client's data), every
+    sampled round counted in full (no amplification by sampling), epsilon reported at privacy.target_delta."""
+    from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+    v = cfg.privacy
+    config = PrivacyConfig(
+        target_delta=v.target_delta,
+        population_size=len(cfg.data.clients),
+        neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+        sampling_method=SamplingMethod.NO_AMPLIFICATION,
+        max_epsilon=v.max_epsilon,
+    )
+    try:
+        return RdpAccountant(config)
+    except ImportError as e:  # flwr[dp] is in pyproject; a hand-made environment may lack it
+        raise ImportError(f"privacy.mode=server-clipping counts epsilon with dp-accounting: {e}") from e
+
+
+def with_privacy(cfg: ExperimentConfig, strategy: Any) -> Any:
+    """The strategy as privacy.mode asks: unchanged (off), or inside Flower's DP wrapper."""
+    v = cfg.privacy
+    if not v.on:
+        return strategy
+    sampled = cfg.fl.sample_size(len(cfg.data.clients))
+    return DifferentialPrivacyServerSideFixedClipping(
+        strategy, v.noise_multiplier, v.clipping_norm, sampled, accountant=accountant(cfg)
+    )
+
+
+def inner_strategy(strategy: Any) -> Any:
+    """The aggregation strategy itself (FedAvg, FedProx, FedAdam, ...), inside a DP wrapper or not."""
+    return getattr(strategy, "strategy", strategy)
+
+
+def epsilon_after(cfg: ExperimentConfig, rounds: int) -> float:
+    """The epsilon `rounds` rounds of privacy.mode=server-clipping spend, at privacy.target_delta."""
+    count = accountant(cfg)
+    sampled = cfg.fl.sample_size(len(cfg.data.clients))
+    if rounds > 0:
+        count.compose(GaussianPrivacyEvent(cfg.privacy.noise_multiplier, sampled, len(cfg.data.clients)), rounds)
+    return float(count.get_epsilon(cfg.privacy.target_delta))
+
+
+def plan(cfg: ExperimentConfig) -> str:
+    """One line on what privacy the run will have, for the run's log before round 1."""
+    v = cfg.privacy
+    if not v.on:
+        return "privacy: off"
+    sampled = cfg.fl.sample_size(len(cfg.data.clients))
+    noise = compute_stdv(v.noise_multiplier, v.clipping_norm, sampled)
+    line = (
+        f"privacy: server-side clipping at {v.clipping_norm:g}, noise std {noise:.4g} on the mean of {sampled}; "
+        f"epsilon after {cfg.fl.num_rounds} rounds {epsilon_after(cfg, cfg.fl.num_rounds):.3g} "
+        f"at delta {v.target_delta:g}"
+    )
+    if v.max_epsilon is not None:
+        rounds = max((r for r in range(cfg.fl.num_rounds + 1) if epsilon_after(cfg, r) <= v.max_epsilon), default=0)
+        line += f"; max_epsilon {v.max_epsilon:g} allows {rounds} of {cfg.fl.num_rounds} rounds"
+    return line
+
+
+def privacy_record(strategy: Any) -> dict[str, Any] | None:
+    """What the DP wrapper did this far, for the round's record: its clipping norm and noise std, and the
+    budget spent (epsilon at delta, releases)."""
+    if strategy is inner_strategy(strategy):
+        return None
+    spent = strategy.privacy_spent()
+    return {
+        "mode": "server-clipping",
+        "noise_multiplier": float(strategy.noise_multiplier),
+        "clipping_norm": float(strategy.clipping_norm),
+        "noise_std": compute_stdv(strategy.noise_multiplier, strategy.clipping_norm, strategy.num_sampled_clients),
+        "sampled": int(strategy.num_sampled_clients),
+        "epsilon": float(spent.epsilon),
+        "delta": float(spent.delta),
+        "releases": int(spent.num_releases),
+    }
+
+
+def privacy_state(strategy: Any) -> dict[str, Any]:
+    """What a resumed run needs to go on counting: the accountant's ledger (the releases so far)."""
+    if strategy is inner_strategy(strategy):
+        return {}
+    return {"accountant": strategy.accountant.state_dict()}
+
+
+def restore_privacy(strategy: Any, state: dict[str, Any]) -> None:
+    if "accountant" in state:
+        strategy.accountant.load_state_dict(state["accountant"])
