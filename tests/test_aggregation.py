@@ -314,8 +314,25 @@ def test_flowers_adaptive_clipping_still_moves_its_norm_the_wrong_way():
     assert strategy.clipping_norm < 0.1 * 0.65
 
 
+def test_private_runs_normalize_with_the_pretrained_policys_stats_not_the_clients():
+    from zk0lib import model
+    from zk0lib.fl.startup import federation_stats
+
+    cfg = _dp_cfg()
+    cfg.model.pretrained = "base"
+    infos = [{"features": {"observation.state": {"shape": [6]}, "action": {"shape": [6]}}, "stats": {}}]
+    record, source = federation_stats(cfg, infos)
+    stats = transport.stats_from_record(record)
+    base = model.pretrained_stats("base")
+    assert source.startswith("pretrained (base") and set(stats) == set(base) >= {"observation.state", "action"}
+    np.testing.assert_array_equal(stats["action"]["mean"], base["action"]["mean"])
+    infos[0]["features"]["action"]["shape"] = [7]
+    with pytest.raises(RuntimeError, match="no action stats of shape \\(7,\\).*privacy.stats=clients"):
+        federation_stats(cfg, infos)
+
+
 def test_privacy_settings_flower_cannot_account_are_refused():
-    base = {"privacy.mode": "server-clipping", "fl.weighting": "uniform"}
+    base = {"privacy.mode": "server-clipping", "fl.weighting": "uniform", "model.pretrained": "base"}
     assert load_config("smoke", base).privacy.on and not load_config("smoke").privacy.on
     refusals = [
         ({"fl.strategy": "fedadam"}, "counts a FedAvg mean"),
@@ -324,6 +341,9 @@ def test_privacy_settings_flower_cannot_account_are_refused():
         ({"privacy.mode": "adaptive"}, "shrinks the norm when most updates are clipped"),
         ({"privacy.mode": "local"}, "privacy.mode: one of off, server-clipping"),
         ({"privacy.target_delta": 1.5}, "privacy.target_delta must be in"),
+        ({"model.pretrained": "tiny"}, "model.pretrained=tiny has none.*privacy.stats=clients"),
+        ({"model.environment_state": True}, "no stats for model.environment_state"),
+        ({"privacy.stats": "noised"}, "privacy.stats: one of pretrained, clients"),
     ]
     for overrides, message in refusals:
         with pytest.raises(ConfigError, match=message):

@@ -264,7 +264,8 @@ def test_eight_clients_on_two_actors_keep_one_stream_each(zk0_cli, home):
 def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_epsilon(zk0_cli, home):
     """privacy.mode=server-clipping on a real Flower run with bf16 deltas on the wire: every round records
     the epsilon Flower's accountant counts, the run ends cleanly before the round that would pass
-    max_epsilon with its last good round kept, and the resume state carries the accountant's ledger."""
+    max_epsilon with its last good round kept, the resume state carries the accountant's ledger, and the
+    normalization stats are the pretrained base's (the clients send none)."""
     from zk0lib.fl import privacy
     from zk0lib.fl.strategy import make_strategy
     from zk0lib.runs import load_resume_state
@@ -276,6 +277,7 @@ def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_eps
         "privacy.mode": "server-clipping",
         "privacy.noise_multiplier": "1.0",
         "privacy.clipping_norm": "0.05",
+        "model.pretrained": "base",  # privacy.stats=pretrained (the default): the base's stats, none from clients
     }
     cfg = load_config("smoke", overrides)
     eps = [privacy.epsilon_after(cfg, r) for r in range(4)]
@@ -288,6 +290,7 @@ def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_eps
     run = RunRecord(home / "reports" / "runs" / "e2e-private")
     summary, rounds = run.summary(), run.rounds()
     assert summary["status"] == "completed" and summary["stopped"]["rounds_trained"] == 2
+    assert summary["normalization_stats"].startswith("pretrained (base")
     assert [r["round"] for r in rounds] == [0, 1, 2] and "privacy" not in rounds[0]
     for r in rounds[1:]:
         p = r["privacy"]

@@ -317,6 +317,7 @@ class FLConfig:
 
 
 PRIVACY_MODES = ("off", "server-clipping")
+PRIVACY_STATS = ("pretrained", "clients")
 
 
 @dataclass
@@ -332,6 +333,9 @@ class PrivacyConfig:
     clipping_norm: float = 1.0
     target_delta: float = 1e-5  # the delta epsilon is reported at
     max_epsilon: float | None = None  # the run stops before a round that would pass it
+    # the normalization stats are a release too: pretrained (the pretrained policy's own, from its
+    # pretraining data; clients send none) or clients (the exact pooled stats: outside epsilon, recorded so)
+    stats: str = "pretrained"
 
     @property
     def on(self) -> bool:
@@ -358,6 +362,19 @@ class PrivacyConfig:
         p.need(v.clipping_norm > 0, f"privacy.clipping_norm must be > 0 (got {v.clipping_norm})")
         p.need(0 < v.target_delta < 1, f"privacy.target_delta must be in (0, 1) (got {v.target_delta})")
         p.need(v.max_epsilon is None or v.max_epsilon > 0, f"privacy.max_epsilon must be > 0 (got {v.max_epsilon})")
+        p.need(v.stats in PRIVACY_STATS, f"privacy.stats: one of {', '.join(PRIVACY_STATS)}, got {v.stats!r}")
+        if v.stats == "pretrained":
+            p.need(
+                cfg.model.pretrained != TINY,
+                "privacy.stats=pretrained takes the normalization stats of model.pretrained, and model.pretrained="
+                "tiny has none: use a pretrained policy (base, a Hub id, a folder) or privacy.stats=clients (the "
+                "exact pooled stats, a release outside epsilon)",
+            )
+            p.need(
+                not cfg.model.environment_state,
+                "privacy.stats=pretrained: a pretrained policy has no stats for model.environment_state; use "
+                "privacy.stats=clients",
+            )
         # what Flower's accountant counts: a FedAvg mean of equally weighted updates
         p.need(
             cfg.fl.strategy in ("fedavg", "fedprox"),

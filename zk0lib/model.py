@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from zk0lib.config import TINY, ExperimentConfig, resolve_pretrained
@@ -256,6 +257,33 @@ def _missing_model_message(pretrained: str, error: Exception) -> str:
         "then copy that cache folder here (or point HF_HOME at it), or set model.pretrained to a local policy "
         "folder (one holding config.json and model.safetensors). For an offline run use model.pretrained=tiny."
     )
+
+
+def pretrained_stats(pretrained: str) -> dict[str, dict[str, Any]]:
+    """The normalization stats a pretrained policy was saved with (its preprocessor's normalizer: the stats of
+    its pretraining data), for the observation and action features."""
+    from lerobot.processor import NormalizerProcessorStep, PolicyProcessorPipeline
+
+    import zk0lib.steps  # noqa: F401  (registers zk0's processor steps, which a saved preprocessor may name)
+
+    path = resolve_pretrained(pretrained)
+    if Path(path).expanduser().exists():
+        _install_tiny_vlm_if_named(Path(path).expanduser())
+    try:
+        pipeline = PolicyProcessorPipeline.from_pretrained(path, config_filename="policy_preprocessor.json")
+    except Exception as e:  # noqa: BLE001 - a missing file or an offline Hub: say which policy and what to do
+        raise ModelNotAvailableError(
+            f"privacy.stats=pretrained: cannot read the normalization stats of {pretrained!r} "
+            f"(policy_preprocessor.json and its normalizer): {type(e).__name__}: {e}"
+        ) from e
+    steps = [s for s in pipeline.steps if isinstance(s, NormalizerProcessorStep) and s.stats]
+    if not steps:
+        raise ModelNotAvailableError(f"privacy.stats=pretrained: {pretrained!r} was saved without normalization stats")
+    return {
+        feat: {k: np.asarray(v.detach().cpu() if torch.is_tensor(v) else v) for k, v in stat.items()}
+        for feat, stat in steps[0].stats.items()
+        if feat.startswith("observation.") or feat == "action"
+    }
 
 
 def check_pretrained(pretrained: str) -> None:

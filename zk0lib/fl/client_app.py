@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from zk0lib import data, env, evaluation, model, train
@@ -167,7 +167,9 @@ def client_describe(msg: Message, context: Context) -> Message:
             cfg, model.policy_config(cfg, model.resolve_device(cfg.model.device))
         )  # server builds its policy
         local.prefetch_round(cfg, first_round)
-    return Message(RecordDict({"info": info, "stats": stats_to_record(meta.stats)}), reply_to=msg)
+    private = cfg.privacy.on and cfg.privacy.stats == "pretrained"  # the server uses the pretrained policy's
+    stats = ArrayRecord() if private else stats_to_record(meta.stats)
+    return Message(RecordDict({"info": info, "stats": stats}), reply_to=msg)
 
 
 def _validate_local(cfg: ExperimentConfig, local: _Local) -> Any:

@@ -34,7 +34,7 @@ from zk0lib.fl.privacy import (
     restore_privacy,
     with_privacy,
 )
-from zk0lib.fl.startup import describe_clients, federation_meta, pooled_stats_record, wait_for_nodes
+from zk0lib.fl.startup import describe_clients, federation_meta, federation_stats, wait_for_nodes
 from zk0lib.fl.strategy import PartitionOrder, make_strategy, restore_strategy, round_configs, strategy_state
 from zk0lib.fl.transport import (
     config_from_run_config,
@@ -96,12 +96,13 @@ class FederatedServer:
         self.partitions = {i["node"]: int(i["partition-id"]) for i in infos}
         started["describe_clients"] = time.perf_counter() - t
         t = time.perf_counter()
-        self.stats_record = pooled_stats_record(infos)
+        self.stats_record, stats_source = federation_stats(cfg, infos)
         stats = stats_from_record(self.stats_record)  # what clients get, to the last bit
         self.bundle = model.build_policy(cfg, federation_meta(self.run, infos, stats), stats)
         started["build_policy"] = time.perf_counter() - t
         counts = model.parameter_counts(self.bundle.policy)
         self.run.update_summary(
+            normalization_stats=stats_source,
             parameters=counts,
             clients={i["name"]: {k: i[k] for k in _CLIENT_SUMMARY_KEYS} for i in infos},
         )

@@ -42,7 +42,7 @@ def describe_clients(grid: Grid, cfg: ExperimentConfig, nodes: list[int], first_
                 f"client on node {reply.metadata.src_node_id} could not describe its dataset: {reply.error.reason}"
             )
         info = dict(reply.content["info"])
-        info["stats"] = stats_from_record(reply.content["stats"])
+        info["stats"] = stats_from_record(reply.content["stats"])  # empty under privacy.stats=pretrained
         info["features"] = json.loads(info["features"])
         info["node"] = reply.metadata.src_node_id
         infos.append(info)
@@ -79,6 +79,28 @@ def federation_meta(run: RunRecord, infos: list[dict[str, Any]], stats: dict) ->
         meta = LeRobotDatasetMetadata("zk0/federation", root=root)
     meta.stats = stats
     return meta
+
+
+def federation_stats(cfg: ExperimentConfig, infos: list[dict[str, Any]]) -> tuple[ArrayRecord, str]:
+    """The normalization stats every client is sent, and where they come from: the clients' pooled stats, or
+    under privacy.stats=pretrained the pretrained policy's own (no client's data, so no release)."""
+    if not (cfg.privacy.on and cfg.privacy.stats == "pretrained"):
+        source = "clients (exact pooled stats" + (", a release outside epsilon)" if cfg.privacy.on else ")")
+        return pooled_stats_record(infos), source
+    from zk0lib import model
+
+    stats = model.pretrained_stats(cfg.model.pretrained)
+    features = infos[0]["features"]
+    for key in ("observation.state", "action"):
+        have = stats.get(key, {}).get("mean")
+        want = tuple(features.get(key, {}).get("shape", ()))
+        if have is None or tuple(have.shape) != want:
+            raise RuntimeError(
+                f"privacy.stats=pretrained: {cfg.model.pretrained!r} has no {key} stats of shape {want} "
+                f"(it has {None if have is None else tuple(have.shape)}): its robot differs from the clients'; "
+                "use privacy.stats=clients"
+            )
+    return stats_to_record(stats), f"pretrained ({cfg.model.pretrained}: its pretraining data's stats)"
 
 
 def pooled_stats_record(infos: list[dict[str, Any]]) -> ArrayRecord:
