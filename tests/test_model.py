@@ -115,3 +115,41 @@ def test_pretrained_policy_offline_is_a_clear_error(clients, stats):
     assert "huggingface-cli download lerobot/smolvla_base" in message
     assert "HuggingFaceTB/SmolVLM2-500M-Video-Instruct" in message
     assert "model.pretrained=tiny" in message
+
+
+def test_trainable_weights_are_fp32_when_lerobot_loads_the_vlm_in_bf16(smoke_cfg, clients, stats, tmp_path):
+    """A policy whose config has load_vlm_weights (as smolvla_base's has): lerobot loads its VLM in bf16.
+    Every trainable parameter zk0 trains and sends is fp32, and an update far below a weight's bf16
+    spacing survives an optimizer step."""
+    import copy
+
+    from zk0lib import data
+
+    tiny = model.build_policy(smoke_cfg, clients[0].meta, stats)
+    vlm = tmp_path / "vlm"  # the tiny VLM's config and tokenizer, with weights, as a Hub VLM folder has them
+    model._tiny_vlm_folder(vlm)
+    tiny.policy.model.vlm_with_expert.vlm.save_pretrained(vlm)
+    tiny.policy.config.vlm_model_name, tiny.policy.config.load_vlm_weights = str(vlm), True
+    model.save_policy(tiny, tmp_path / "policy")
+    cfg = copy.deepcopy(smoke_cfg)
+    cfg.model.pretrained = str(tmp_path / "policy")
+    bundle = model.build_policy(cfg, clients[0].meta, stats)
+    vlm_dtypes = {p.dtype for p in bundle.policy.model.vlm_with_expert.vlm.parameters()}
+    assert torch.bfloat16 in vlm_dtypes  # lerobot's own loading: the frozen VLM stays bf16
+    trainable = model.trainable_parameters(bundle.policy)
+    assert trainable and all(p.dtype == torch.float32 for _, p in trainable), [
+        n for n, p in trainable if p.dtype != torch.float32
+    ]
+    name, weight = next((n, p) for n, p in trainable if "lm_expert" in n and p.dim() == 2)
+    before = weight.detach().clone()
+    spacing = float(before.abs().max().to(torch.bfloat16).float()) / 128  # bf16 spacing at the largest value
+    optimizer = torch.optim.SGD([p for _, p in trainable], lr=1.0)
+    optimizer.zero_grad()
+    weight.grad = torch.full_like(weight, spacing / 1000)  # a step 1/1000 of the bf16 spacing
+    optimizer.step()
+    moved = (weight.detach() - before).abs().max()
+    assert float(moved) == pytest.approx(spacing / 1000, rel=1e-2), name
+    ds = data.open_dataset(clients[0], clients[0].train_episodes, bundle.config, None)
+    batch = bundle.preprocessor(data.collate_or_skip([ds[0], ds[1]]))
+    loss = bundle.policy.forward(batch)[0]
+    assert torch.isfinite(loss)  # the mixed bf16 VLM / fp32 expert model runs

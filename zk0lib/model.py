@@ -353,6 +353,7 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
     if cfg.model.freeze_connector:
         for param in policy.model.vlm_with_expert.get_vlm_model().connector.parameters():
             param.requires_grad = False
+    fp32_master_weights(policy)
     if cfg.model.peft.method == "lora":
         policy = wrap_with_lora(policy, cfg.model.peft, cfg.model.init_seed)
     norm_features = {**pc.input_features, **pc.output_features}
@@ -393,6 +394,22 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
 
     tokenize_tasks_once(pre)  # the same tokens, computed once per task instead of at every batch
     return PolicyBundle(policy=policy, preprocessor=pre, postprocessor=post, device=device)
+
+
+def fp32_master_weights(policy: torch.nn.Module) -> list[str]:
+    """Make every trainable parameter fp32 (the frozen ones keep their dtype) and return the names changed.
+
+    With `load_vlm_weights`, lerobot loads the VLM in bf16 and builds the action expert from a copy of its
+    config, so the expert comes out bf16 too; an optimizer step on bf16 weights rounds away any update
+    below the weight's bf16 spacing (1/256 of it), which is most of a 1e-4 step. lerobot casts each
+    layer's input to that layer's weight dtype, so a mixed model runs; on CUDA the compute goes under bf16
+    autocast (train.amp), the weights the optimizer updates and that travel stay fp32."""
+    changed = []
+    for name, param in policy.named_parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+            changed.append(name)
+    return changed
 
 
 def _read_environment_state(pc: Any, features: dict) -> None:
