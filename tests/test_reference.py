@@ -88,3 +88,64 @@ def test_calibration_table_of_a_lab_with_the_expert_and_hold_still(recording, tm
     assert "simulated labs only" in capsys.readouterr().err and not (tmp_path / "no").exists()
     assert main(["sim", "reference", "--heads", "diffusion", "--out", str(tmp_path / "no")]) == 2
     assert "head must be one of mse, flow" in capsys.readouterr().err
+
+
+def test_the_aux_head_trains_the_vlm_layers_to_locate_the_cube_and_is_not_saved(recording, tmp_path):
+    """train.aux_environment_state (rung 2): a head on the VLM's prefix output predicts the recording's
+    environment state; its loss reaches the trainable VLM layers (not the frozen connector), a few steps
+    lower it, the flow-matching step carries it, and saved policies leave the head out."""
+    import torch
+    from safetensors import safe_open
+
+    from zk0lib import auxiliary, data, model, train
+    from zk0lib.config import ClientConfig, ConfigError, load_config
+
+    overrides = {"data.sim_episodes": 12, "data.sim_image_size": 32, "data.heldout_episodes": 2}
+    with pytest.raises(ConfigError, match="set model.train_expert_only=false"):
+        load_config("demo", {**overrides, "train.aux_environment_state": 1.0})
+    cfg = load_config(
+        "demo",
+        {
+            **overrides,
+            "model.train_expert_only": False,
+            "model.freeze_connector": True,
+            "data.cache": "features",
+            "train.aux_environment_state": 1.0,
+        },
+    )
+    cfg.data.clients = [ClientConfig("lab-red", source="sim", lab="lab-red")]  # the fixture's recording
+    client = data.open_client(cfg, 0)
+    stats = data.pooled_stats([client.meta])
+    bundle = model.build_policy(cfg, client.meta, stats)
+    policy, head = bundle.policy, auxiliary.head_of(bundle.policy)
+    names = [n for n, _ in model.trainable_parameters(policy)]
+    assert head is not None and any(n.startswith("zk0_aux_head.") for n in names)
+    frames = data.open_for(cfg, client, client.train_episodes, bundle.config)
+    embedded = data.embedded_for(cfg, frames, bundle)
+    batch = bundle.preprocessor(data.collate_or_skip([embedded[i] for i in range(0, 160, 10)]))
+    policy.train()
+    params = [p for _, p in model.trainable_parameters(policy)]
+    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    policy.forward(batch)
+    auxiliary.aux_loss(policy, batch).backward()  # the auxiliary loss alone
+    vlm = policy.model.vlm_with_expert.get_vlm_model()
+    layer = dict(vlm.text_model.named_parameters())["layers.0.self_attn.q_proj.weight"]
+    assert layer.grad is not None and float(layer.grad.abs().sum()) > 0  # it reaches the VLM layers
+    assert all(q.grad is None for q in vlm.connector.parameters())  # and not the frozen vision path
+    losses = []
+    for _ in range(25):
+        optimizer.zero_grad()
+        policy.forward(batch)
+        aux = auxiliary.aux_loss(policy, batch)
+        aux.backward()
+        optimizer.step()
+        losses.append(float(aux))
+    assert losses[-1] < 0.75 * losses[0], losses  # it learns (32-pixel frames here, 25 steps)
+    optimizer.zero_grad()
+    loss, _ = train.fedprox_backward(policy, batch, [p.detach().clone() for p in params], 0.0)
+    assert torch.isfinite(loss) and head.last > 0 and head.query.grad is not None  # the step adds the head's loss
+    model.save_policy(bundle, tmp_path / "saved")
+    with safe_open(str(tmp_path / "saved" / "model.safetensors"), "pt") as f:
+        assert not any(k.startswith("zk0_aux_head") for k in f.keys())
+    assert auxiliary.head_of(bundle.policy) is head  # still training after the save
+    model.load_policy(tmp_path / "saved")

@@ -218,6 +218,9 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast, CUDA only
     max_skipped_fraction: float = 0.2  # undecodable batches tolerated before a client fails
     progress_every_s: float = 60.0  # a progress line about this often inside a long round (0: every step)
+    # weight of an auxiliary loss (zk0lib/auxiliary.py): a head on the VLM's prefix output predicts the sim
+    # recording's environment state (cube and target positions), a training target only; 0: off
+    aux_environment_state: float = 0.0
 
     def problems(self, cfg: ExperimentConfig) -> list[str]:
         """What is wrong with the train section."""
@@ -232,6 +235,16 @@ class TrainConfig:
             f"train.grad_clip_norm must be > 0 (got {t.grad_clip_norm})",
         )
         p.need(t.num_workers >= 0, f"train.num_workers must be >= 0 (got {t.num_workers})")
+        p.need(
+            t.aux_environment_state >= 0, f"train.aux_environment_state must be >= 0 (got {t.aux_environment_state})"
+        )
+        if t.aux_environment_state > 0:
+            p.need(
+                not cfg.model.train_expert_only,
+                "train.aux_environment_state trains the VLM layers to locate the cube: set model.train_expert_only="
+                "false (and model.freeze_connector=true to keep data.cache=features)",
+            )
+            p.need(cfg.model.peft.method == "none", "train.aux_environment_state: not with model.peft (LoRA)")
         p.need(t.progress_every_s >= 0, f"train.progress_every_s must be >= 0 seconds (got {t.progress_every_s})")
         p.need(
             0 <= t.max_skipped_fraction < 1,

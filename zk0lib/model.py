@@ -353,6 +353,10 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
     if cfg.model.freeze_connector:
         for param in policy.model.vlm_with_expert.get_vlm_model().connector.parameters():
             param.requires_grad = False
+    if cfg.train.aux_environment_state > 0:  # rung 2: the prefix must locate the cube (zk0lib/auxiliary.py)
+        from zk0lib import auxiliary
+
+        auxiliary.attach(policy, stats, cfg.train.aux_environment_state, cfg.model.init_seed)
     fp32_master_weights(policy)
     if cfg.model.peft.method == "lora":
         policy = wrap_with_lora(policy, cfg.model.peft, cfg.model.init_seed)
@@ -545,7 +549,12 @@ def save_policy(bundle: PolicyBundle, path: Path) -> None:
         merged_policy(bundle.policy).save_pretrained(tmp)
         bundle.policy.save_pretrained(tmp / ADAPTER_DIR)
     else:
-        bundle.policy.save_pretrained(tmp)
+        head = bundle.policy.__dict__["_modules"].pop("zk0_aux_head", None)  # a training-only head: not saved
+        try:
+            bundle.policy.save_pretrained(tmp)
+        finally:
+            if head is not None:
+                bundle.policy.zk0_aux_head = head
     bundle.preprocessor.save_pretrained(tmp)
     bundle.postprocessor.save_pretrained(tmp)
     old = path.with_name(f".{path.name}.old")

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from zk0lib import auxiliary
 from zk0lib.config import ExperimentConfig
 from zk0lib.data import BatchStream
 from zk0lib.model import PolicyBundle, trainable_parameters
@@ -65,7 +66,10 @@ def fedprox_backward(
     """
     with amp or nullcontext():
         loss, _ = policy.forward(batch, noise=noise, time=time_)
-    loss.backward()
+        aux = auxiliary.aux_loss(policy, batch)  # train.aux_environment_state: None unless the policy has a head
+    (loss if aux is None else loss + auxiliary.head_of(policy).weight * aux).backward()
+    if aux is not None:
+        auxiliary.head_of(policy).last = float(aux.detach())
     if mu == 0:
         return loss.detach(), torch.zeros((), device=loss.device)
     params = [p for _, p in trainable_parameters(policy)]
@@ -157,7 +161,8 @@ def train_steps(
     start_params = [p.detach().clone() for p in params]
     clip = policy.config.optimizer_grad_clip_norm
     allowed_skips = math.floor(cfg.train.max_skipped_fraction * steps)
-    losses, proxes, grad_norms, errors = [], [], [], []
+    losses, proxes, grad_norms, errors, aux_losses = [], [], [], [], []
+    head = auxiliary.head_of(policy)
     samples = skipped = 0
     lr = optimizer.param_groups[0]["lr"]
     policy.train()
@@ -187,6 +192,8 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         proxes.append(prox.item())
+        if head is not None:
+            aux_losses.append(head.last)
         if progress is not None and time.perf_counter() >= next_line and len(losses) < steps:
             elapsed = time.perf_counter() - t0
             progress(
@@ -210,4 +217,4 @@ def train_steps(
         "skipped_items": len(errors),
         "seconds": time.perf_counter() - t0,
         "data_seconds": data_seconds,  # waiting for batches (decoding, worker start-up)
-    }
+    } | ({"aux_loss": float(np.mean(aux_losses))} if aux_losses else {})
