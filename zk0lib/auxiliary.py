@@ -66,27 +66,28 @@ def attach(policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: i
     head.to(next(policy.parameters()).device)
     head.weight = weight
 
-    def keep_mask(_module: Any, _args: Any, output: Any) -> None:
+    def keep_mask(output: Any) -> None:
         head.captured["mask"] = output[1]  # (embeddings, pad masks, attention masks)
 
-    def keep_prefix(_module: Any, _args: Any, output: Any) -> None:
+    def keep_prefix(output: Any) -> None:
         outputs, _ = output
         if outputs[0] is not None and outputs[1] is not None:  # the training forward (prefix and suffix)
             head.captured["prefix"] = outputs[0]
 
     _wrap(inner, "embed_prefix", keep_mask)
-    _wrap(inner.vlm_with_expert, "forward", keep_prefix)  # lerobot calls .forward(...): hooks would not run
+    _wrap(inner.vlm_with_expert, "forward", keep_prefix)
     setattr(policy, HEAD, head)
     return head
 
 
 def _wrap(owner: Any, method: str, keep: Any) -> None:
-    """See a method's output (lerobot calls these methods directly, so module hooks would not see them)."""
+    """See a method's output: lerobot calls embed_prefix and vlm_with_expert.forward directly, so a module's
+    forward hooks would not run."""
     original = getattr(owner, method)
 
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
-        keep(None, None, out)
+        keep(out)
         return out
 
     setattr(owner, method, wrapped)
