@@ -269,3 +269,24 @@ def test_cli_validate_writes_the_table(home, zk0_cli):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "no findings" in out.stdout and "s per 1000 frames per camera" in out.stdout
     assert (home / "reports" / "validation" / "smoke-check.csv").exists()
+
+
+def test_the_hub_presets_cameras_line_up_across_so100_and_so101_datasets(clean):
+    """zk0-hub federates svla_so100_* (top, wrist cameras) with svla_so101_pickplace (up, side): its rename map
+    puts both pairs on smolvla_base's camera1/camera2, so the start-up check lets the federation through."""
+    from zk0lib.config import load_config
+
+    info = json.loads((clean / "meta" / "info.json").read_text())
+    cams = [k for k, v in info["features"].items() if v.get("dtype") in ("video", "image")]
+    assert len(cams) == 2
+
+    def filmed_by(a: str, b: str) -> dict:
+        other = json.loads(json.dumps(info))
+        for old, new in zip(cams, (a, b), strict=True):
+            other["features"][f"observation.images.{new}"] = other["features"].pop(old)
+        return other
+
+    hub = load_config("zk0-hub").data.rename_map
+    datasets = {"so100": filmed_by("top", "wrist"), "so101": filmed_by("up", "side")}
+    assert compare_features(datasets, hub).findings == []
+    assert [f.check for f in compare_features(datasets, {}).errors] == ["clients.cameras"]  # without the map

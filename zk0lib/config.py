@@ -615,9 +615,13 @@ def _zk0_hub() -> ExperimentConfig:
         data=DataConfig(
             clients=[ClientConfig(name=r.split("/")[1], repo_id=r, source="hub") for r in repos],
             heldout_episodes=5,
+            # smolvla_base reads camera1..3; the svla_so100_* datasets film top and wrist,
+            # svla_so101_pickplace films up and side: each client's pair onto the same two slots
             rename_map={
                 "observation.images.top": "observation.images.camera1",
                 "observation.images.wrist": "observation.images.camera2",
+                "observation.images.up": "observation.images.camera1",
+                "observation.images.side": "observation.images.camera2",
             },
         ),
         model=ModelConfig(pretrained="lerobot/smolvla_base", device="cuda"),
