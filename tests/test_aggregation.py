@@ -259,9 +259,11 @@ def test_server_side_dp_clips_each_clients_update_to_the_clipping_norm():
 
 @pytest.mark.parametrize("noise_multiplier", [0.5, 2.0])
 def test_server_side_dp_adds_gaussian_noise_of_the_std_flower_computes(noise_multiplier):
-    """Clients that barely moved (1e-6): what changes the global weights is the noise, with standard deviation
-    noise_multiplier x clipping_norm / clients sampled; it grows with the multiplier."""
+    """Clients that barely moved (1e-6), with bf16 deltas on the wire: what changes the global weights is the
+    noise, with standard deviation noise_multiplier x clipping_norm / clients sampled; it grows with the
+    multiplier."""
     cfg = _dp_cfg(clipping_norm=0.2, noise_multiplier=noise_multiplier)
+    cfg.fl.transport_dtype = "bfloat16"
     global_w = _big(0)
     still = {k: v + 1e-6 for k, v in global_w.items()}
     np.random.seed(0)  # Flower draws the noise from numpy's global generator
@@ -295,6 +297,52 @@ def test_the_privacy_budget_is_counted_per_round_and_the_run_stops_before_passin
     again = privacy.with_privacy(cfg, make_strategy(cfg))
     privacy.restore_privacy(again, privacy.privacy_state(strategy))
     assert privacy.privacy_record(again)["epsilon"] == pytest.approx(eps[2], rel=1e-9)
+
+
+def test_client_side_dp_clips_with_flowers_mod_on_the_client_and_the_server_checks_it(stats):
+    """privacy.mode=client-clipping: train messages carry what Flower's fixedclipping_mod reads (one
+    ArrayRecord of fp32 numpy weights, one ConfigRecord with the clipping norm and the stats inside); the
+    client's mod clips its update before it leaves; the server aggregates the clipped updates and refuses an
+    update that was not clipped."""
+    cfg = _dp_cfg(clipping_norm=0.5, noise_multiplier=1e-9)
+    cfg.privacy.mode = "client-clipping"
+    global_w = _big(0)
+    updates = {0: _big(1, 3.0), 1: _big(2, 0.001)}
+    local = {i: {k: global_w[k] + u[k] for k in global_w} for i, u in updates.items()}
+    server = _server(cfg, [101, 57])
+    server.stats_record = transport.stats_to_record(stats)
+    strategy = privacy.with_privacy(cfg, make_strategy(cfg))
+    rd, messages = _train_messages(server, strategy, global_w)
+    for m in messages:
+        assert len(m.content.array_records) == 1 and len(m.content.config_records) == 1
+        assert all(a.stype == "numpy.ndarray" and a.dtype == "float32" for a in m.content["arrays"].values())
+        carried = transport.record_from_bytes(m.content["config"][transport.STATS_IN_CONFIG])
+        assert transport.stats_digest(carried) == transport.stats_digest(server.stats_record)
+
+    def as_client(msg, clip=True):
+        pid = server.partitions[msg.metadata.dst_node_id]
+
+        def train(m, _context):  # what client_train answers: fp32 numpy weights in the order received
+            received = transport.decode_arrays(m.content["arrays"])
+            weights = transport.to_numpy_record({k: local[pid][k] for k in received})
+            metrics = MetricRecord({"num-examples": 64, "partition-id": pid, "samples": 8, "train_loss": 1.0})
+            return Message(RecordDict({"arrays": weights, "metrics": metrics}), reply_to=m)
+
+        return client_app.clip_when_asked(msg, None, train) if clip else train(msg, None)
+
+    aggregated = server.aggregate(strategy, rd, [as_client(m) for m in messages])
+    out = transport.decode_arrays(aggregated)
+    scale = [min(1.0, 0.5 / _norm(updates[i])) for i in range(2)]
+    for k in global_w:
+        expected = global_w[k] + (scale[0] * updates[0][k] + scale[1] * updates[1][k]) / 2
+        torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-5)
+    rd, messages = _train_messages(server, strategy, global_w, server_round=2)
+    with pytest.raises(RuntimeError, match="did not clip it"):
+        server.aggregate(strategy, rd, [as_client(m, clip=False) for m in messages])
+    evaluate = Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=101, message_type="evaluate")
+    passed = []
+    client_app.clip_when_asked(evaluate, None, lambda m, _c: passed.append(m) or m)
+    assert passed == [evaluate]  # only train messages are clipped
 
 
 def test_flowers_adaptive_clipping_still_moves_its_norm_the_wrong_way():
@@ -339,11 +387,12 @@ def test_privacy_settings_flower_cannot_account_are_refused():
         ({"fl.weighting": "frames"}, "set fl.weighting=uniform"),
         ({"privacy.noise_multiplier": 0}, "privacy.noise_multiplier must be > 0 to count epsilon"),
         ({"privacy.mode": "adaptive"}, "shrinks the norm when most updates are clipped"),
-        ({"privacy.mode": "local"}, "privacy.mode: one of off, server-clipping"),
+        ({"privacy.mode": "local"}, "privacy.mode: one of off, server-clipping, client-clipping"),
         ({"privacy.target_delta": 1.5}, "privacy.target_delta must be in"),
         ({"model.pretrained": "tiny"}, "model.pretrained=tiny has none.*privacy.stats=clients"),
         ({"model.environment_state": True}, "no stats for model.environment_state"),
         ({"privacy.stats": "noised"}, "privacy.stats: one of pretrained, clients"),
+        ({"privacy.mode": "client-clipping", "fl.transport_dtype": "bfloat16"}, "clips fp32 weights, not bf16"),
     ]
     for overrides, message in refusals:
         with pytest.raises(ConfigError, match=message):

@@ -262,10 +262,10 @@ def test_eight_clients_on_two_actors_keep_one_stream_each(zk0_cli, home):
 
 
 def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_epsilon(zk0_cli, home):
-    """privacy.mode=server-clipping on a real Flower run with bf16 deltas on the wire: every round records
-    the epsilon Flower's accountant counts, the run ends cleanly before the round that would pass
-    max_epsilon with its last good round kept, the resume state carries the accountant's ledger, and the
-    normalization stats are the pretrained base's (the clients send none)."""
+    """privacy.mode=client-clipping on a real Flower run (Flower's fixedclipping_mod in zk0's ClientApp): every
+    round records the epsilon Flower's accountant counts, every update arrives clipped, the run ends cleanly
+    before the round that would pass max_epsilon with its last good round kept, the resume state carries the
+    accountant's ledger, and the normalization stats are the pretrained base's (the clients send none)."""
     from zk0lib.fl import privacy
     from zk0lib.fl.strategy import make_strategy
     from zk0lib.runs import load_resume_state
@@ -273,8 +273,7 @@ def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_eps
     overrides = {
         "fl.num_rounds": "3",
         "fl.weighting": "uniform",
-        "fl.transport_dtype": "bfloat16",
-        "privacy.mode": "server-clipping",
+        "privacy.mode": "client-clipping",
         "privacy.noise_multiplier": "1.0",
         "privacy.clipping_norm": "0.05",
         "model.pretrained": "base",  # privacy.stats=pretrained (the default): the base's stats, none from clients
@@ -285,7 +284,7 @@ def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_eps
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
     out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-private", *sets)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert "privacy: server-side clipping at 0.05" in out.stdout and "allows 2 of 3 rounds" in out.stdout
+    assert "privacy: client-side clipping at 0.05" in out.stdout and "allows 2 of 3 rounds" in out.stdout
     assert "stopped before round 3: privacy budget" in out.stdout
     run = RunRecord(home / "reports" / "runs" / "e2e-private")
     summary, rounds = run.summary(), run.rounds()
@@ -297,6 +296,7 @@ def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_eps
         assert p["releases"] == r["round"] and p["epsilon"] == pytest.approx(eps[r["round"]], rel=1e-6)
         assert p["delta"] == 1e-5 and p["noise_std"] == pytest.approx(0.025)
         assert all(m["update_norm"] > 0.05 for m in r["train"]["clients"].values())  # the clipping binds
+        assert r["failures"] == [] and p["mode"] == "client-clipping"  # so every update arrived clipped
     assert summary["privacy"]["epsilon"] == rounds[-1]["privacy"]["epsilon"] <= float(overrides["privacy.max_epsilon"])
     assert (run.path / "checkpoints" / "final" / "model.safetensors").exists()
     # a resumed run goes on counting from the saved ledger

@@ -329,7 +329,7 @@ class FLConfig:
         return p
 
 
-PRIVACY_MODES = ("off", "server-clipping")
+PRIVACY_MODES = ("off", "server-clipping", "client-clipping")
 PRIVACY_STATS = ("pretrained", "clients")
 
 
@@ -338,9 +338,11 @@ class PrivacyConfig:
     """Client-level differential privacy through Flower's strategy wrappers (zk0lib/fl/privacy.py)."""
 
     # off; server-clipping: Flower's DifferentialPrivacyServerSideFixedClipping, each client's update clipped
-    # to clipping_norm, Gaussian noise of std noise_multiplier x clipping_norm / (clients sampled) on the mean,
-    # epsilon counted by Flower's RDP accountant. Flower's adaptive clipping is not offered: in flwr 1.41 it
-    # moves the norm away from its target quantile (tests/test_aggregation.py shows it)
+    # to clipping_norm by the server, Gaussian noise of std noise_multiplier x clipping_norm / (clients
+    # sampled) on the mean, epsilon counted by Flower's RDP accountant; client-clipping: the same with
+    # DifferentialPrivacyClientSideFixedClipping, each client clipping its own update (Flower's
+    # fixedclipping_mod) before it leaves. Flower's adaptive clipping is not offered: in flwr 1.41 it moves
+    # the norm away from its target quantile (tests/test_aggregation.py shows it)
     mode: str = "off"
     noise_multiplier: float = 1.0
     clipping_norm: float = 1.0
@@ -361,7 +363,8 @@ class PrivacyConfig:
         p.need(
             v.mode != "adaptive",
             "privacy.mode=adaptive: Flower 1.41's adaptive clipping shrinks the norm when most updates are "
-            "clipped (it should grow), so zk0 does not offer it; use server-clipping with a fixed clipping_norm",
+            "clipped (it should grow), so zk0 does not offer it; use server-clipping or client-clipping with a "
+            "fixed clipping_norm",
         )
         p.need(
             v.mode in PRIVACY_MODES or v.mode == "adaptive",
@@ -391,13 +394,18 @@ class PrivacyConfig:
         # what Flower's accountant counts: a FedAvg mean of equally weighted updates
         p.need(
             cfg.fl.strategy in ("fedavg", "fedprox"),
-            f"privacy.mode=server-clipping: Flower's accountant counts a FedAvg mean (fl.strategy fedavg or "
+            f"privacy.mode={v.mode}: Flower's accountant counts a FedAvg mean (fl.strategy fedavg or "
             f"fedprox), not fl.strategy={cfg.fl.strategy}",
         )
         p.need(
             cfg.fl.weighting == "uniform",
-            "privacy.mode=server-clipping: every client's update must weigh the same for the noise to cover "
+            f"privacy.mode={v.mode}: every client's update must weigh the same for the noise to cover "
             "it: set fl.weighting=uniform",
+        )
+        p.need(
+            v.mode != "client-clipping" or cfg.fl.transport_dtype == "float32",
+            "privacy.mode=client-clipping: Flower's fixedclipping_mod clips fp32 weights, not bf16 deltas: set "
+            "fl.transport_dtype=float32 (or use server-clipping)",
         )
         return p
 

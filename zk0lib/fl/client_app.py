@@ -14,22 +14,27 @@ from typing import Any
 
 import psutil
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from zk0lib import data, env, evaluation, model, train
 from zk0lib.config import ExperimentConfig
 from zk0lib.fl.faults import corrupt, injected_fault
 from zk0lib.fl.strategy import update_weight
 from zk0lib.fl.transport import (
+    STATS_IN_CONFIG,
     config_from_run_config,
     decode_arrays,
     digest,
     encode_arrays,
     payload_bytes,
+    record_from_bytes,
     stats_digest,
     stats_from_record,
     stats_to_record,
+    to_numpy_record,
 )
 
 _PROCESS: dict[Any, Any] = {}  # this process's policies, processors and datasets, reused across rounds
@@ -122,7 +127,10 @@ def _local(cfg: ExperimentConfig, partition_id: int) -> _Local:
 
 def _client_bundle(cfg: ExperimentConfig, local: _Local, msg: Message) -> model.PolicyBundle:
     """The process's policy (built once) with processors for the federation's pooled stats."""
-    conf, stats = msg.content["config"], msg.content["norm_stats"]
+    conf = msg.content["config"]
+    # the stats travel as their own record, or inside the config where a train message may carry only one
+    # ArrayRecord (privacy.mode=client-clipping)
+    stats = msg.content["norm_stats"] if STATS_IN_CONFIG not in conf else record_from_bytes(conf[STATS_IN_CONFIG])
     key = (_model_key(cfg), stats_digest(stats))
     bundle = _memo(("bundle", *key), lambda: model.build_policy(cfg, local.data.meta, stats_from_record(stats)))
     fingerprint = _memo(("fingerprint", *key), lambda: model.frozen_fingerprint(bundle.policy))
@@ -134,7 +142,16 @@ def _client_bundle(cfg: ExperimentConfig, local: _Local, msg: Message) -> model.
     return bundle
 
 
-client_app = ClientApp()
+def clip_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's fixedclipping_mod on the train messages of a federation whose server asks for client-side
+    clipping (privacy.mode=client-clipping: its DP wrapper puts the clipping norm in the config); every
+    other message goes through untouched."""
+    if msg.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in msg.content["config"]:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+client_app = ClientApp(mods=[clip_when_asked])
 
 
 @client_app.query()
@@ -204,9 +221,13 @@ def client_train(msg: Message, context: Context) -> Message:
     fault = injected_fault(cfg, partition_id, server_round)
     t_encode = time.perf_counter()
     dtype = cfg.fl.transport_dtype
-    arrays = encode_arrays(
-        model.get_trainable(bundle.policy), dtype, reference=received if dtype != "float32" else None
-    )
+    if KEY_CLIPPING_NORM in conf:  # fp32 numpy in the order received: what fixedclipping_mod clips and checks
+        local_w = model.get_trainable(bundle.policy)
+        arrays = to_numpy_record({k: local_w[k] for k in received})
+    else:
+        arrays = encode_arrays(
+            model.get_trainable(bundle.policy), dtype, reference=received if dtype != "float32" else None
+        )
     if fault in ("nan", "shape"):
         arrays = corrupt(arrays, fault)
     now = time.perf_counter()

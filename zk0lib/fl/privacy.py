@@ -4,13 +4,18 @@ the budget Flower's RDP accountant (Google's dp-accounting, through `flwr[dp]`) 
 privacy.mode=server-clipping is central DP with a trusted server (McMahan et al. 2018): the server clips
 every client's update (its trainable weights minus the global weights it was sent) to
 `privacy.clipping_norm`, takes the mean of equally weighted updates and adds Gaussian noise of standard
-deviation noise_multiplier x clipping_norm / (clients sampled). One round is one release to the
-accountant; a round that would take epsilon past `privacy.max_epsilon` is never started.
+deviation noise_multiplier x clipping_norm / (clients sampled). privacy.mode=client-clipping moves the
+clipping to the clients (Flower's fixedclipping_mod, run by zk0's ClientApp on train messages), so no
+unclipped update leaves an owner; the server checks that each update it gets is within the norm. One
+round is one release to the accountant; a round that would take epsilon past `privacy.max_epsilon` is
+never started.
 privacy.mode=adaptive learns the clipping norm towards a quantile of the update norms (Andrew et al. 2021);
 Flower's accountant does not count it, so no epsilon is reported for it.
 
-zk0's transport is unchanged under DP: the wrappers see the screened replies as fp32 weights in the global
-weights' key order, whatever encoding travelled (fp32 weights or bf16 deltas).
+Under server-clipping zk0's transport is unchanged: the wrapper sees the screened replies as fp32 weights
+in the global weights' key order, whatever travelled (fp32 weights or bf16 deltas). Under client-clipping
+train messages carry what Flower's mod reads: one ArrayRecord of fp32 numpy weights, and one ConfigRecord
+(with the normalization stats inside it, as bytes).
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.serverapp.exception import PrivacyBudgetExhausted
-from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
 from flwr.supercore.differential_privacy import compute_stdv
 from flwr.supercore.privacy_accounting import (
     GaussianPrivacyEvent,
@@ -57,9 +65,15 @@ def with_privacy(cfg: ExperimentConfig, strategy: Any) -> Any:
     if not v.on:
         return strategy
     sampled = cfg.fl.sample_size(len(cfg.data.clients))
-    return DifferentialPrivacyServerSideFixedClipping(
-        strategy, v.noise_multiplier, v.clipping_norm, sampled, accountant=accountant(cfg)
-    )
+    wrapper = {
+        "server-clipping": DifferentialPrivacyServerSideFixedClipping,
+        "client-clipping": DifferentialPrivacyClientSideFixedClipping,
+    }[v.mode]
+    return wrapper(strategy, v.noise_multiplier, v.clipping_norm, sampled, accountant=accountant(cfg))
+
+
+def clients_clip(cfg: ExperimentConfig) -> bool:
+    return cfg.privacy.mode == "client-clipping"
 
 
 def inner_strategy(strategy: Any) -> Any:
@@ -83,8 +97,9 @@ def plan(cfg: ExperimentConfig) -> str:
         return "privacy: off"
     sampled = cfg.fl.sample_size(len(cfg.data.clients))
     noise = compute_stdv(v.noise_multiplier, v.clipping_norm, sampled)
+    where = "client" if clients_clip(cfg) else "server"
     line = (
-        f"privacy: server-side clipping at {v.clipping_norm:g}, noise std {noise:.4g} on the mean of {sampled}; "
+        f"privacy: {where}-side clipping at {v.clipping_norm:g}, noise std {noise:.4g} on the mean of {sampled}; "
         f"epsilon after {cfg.fl.num_rounds} rounds {epsilon_after(cfg, cfg.fl.num_rounds):.3g} "
         f"at delta {v.target_delta:g}"
     )
@@ -101,7 +116,9 @@ def privacy_record(strategy: Any) -> dict[str, Any] | None:
         return None
     spent = strategy.privacy_spent()
     return {
-        "mode": "server-clipping",
+        "mode": "client-clipping"
+        if isinstance(strategy, DifferentialPrivacyClientSideFixedClipping)
+        else "server-clipping",
         "noise_multiplier": float(strategy.noise_multiplier),
         "clipping_norm": float(strategy.clipping_norm),
         "noise_std": compute_stdv(strategy.noise_multiplier, strategy.clipping_norm, strategy.num_sampled_clients),

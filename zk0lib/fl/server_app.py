@@ -27,6 +27,7 @@ from zk0lib.evaluation import HeldOutSets, closed_loop, eval_due, rollout_due
 from zk0lib.fl.client_app import eval_from_metrics
 from zk0lib.fl.privacy import (
     PrivacyBudgetExhausted,
+    clients_clip,
     inner_strategy,
     plan,
     privacy_record,
@@ -37,10 +38,12 @@ from zk0lib.fl.privacy import (
 from zk0lib.fl.startup import describe_clients, federation_meta, federation_stats, wait_for_nodes
 from zk0lib.fl.strategy import PartitionOrder, make_strategy, restore_strategy, round_configs, strategy_state
 from zk0lib.fl.transport import (
+    STATS_IN_CONFIG,
     config_from_run_config,
     decode_arrays,
     encode_arrays,
     payload_bytes,
+    record_to_bytes,
     screen_update,
     stats_from_record,
     to_numpy_record,
@@ -186,11 +189,18 @@ class FederatedServer:
             return messages
         t0 = time.perf_counter()
         rd.global_w = decode_arrays(arrays)
-        encoded = encode_arrays(rd.global_w, self.cfg.fl.transport_dtype if phase == "train" else "float32")
+        clipping = phase == "train" and clients_clip(self.cfg)  # Flower's fixedclipping_mod reads numpy fp32
+        if clipping:
+            encoded = to_numpy_record(rd.global_w)
+        else:
+            encoded = encode_arrays(rd.global_w, self.cfg.fl.transport_dtype if phase == "train" else "float32")
         rd.serialize_seconds += time.perf_counter() - t0
         for m in messages:
             m.content["arrays"] = encoded
-            m.content["norm_stats"] = self.stats_record
+            if clipping:  # the mod takes one ArrayRecord and one ConfigRecord: the stats go inside the config
+                m.content["config"][STATS_IN_CONFIG] = record_to_bytes(self.stats_record)
+            else:
+                m.content["norm_stats"] = self.stats_record
         if phase == "train":
             rd.train_nodes = [m.metadata.dst_node_id for m in messages]
         rd.bytes_sent[phase] = payload_bytes(encoded) * len(messages)
@@ -261,7 +271,11 @@ class FederatedServer:
             arrays = reply.content["arrays"]
             rd.bytes_received += payload_bytes(arrays)
             weights, problem = screen_update(
-                arrays, rd.global_w, self.cfg.fl.max_update_norm, reject_zero=self.cfg.privacy.on
+                arrays,
+                rd.global_w,
+                self.cfg.fl.max_update_norm,
+                reject_zero=self.cfg.privacy.on,
+                clipped_to=self.cfg.privacy.clipping_norm if clients_clip(self.cfg) else None,
             )
             if problem is not None:
                 rd.failures.append({"client": name, "round": rd.server_round, "reason": f"rejected: {problem}"})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import math
 from collections import OrderedDict
@@ -108,6 +109,21 @@ def stats_from_record(record: ArrayRecord) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+STATS_IN_CONFIG = "zk0.norm-stats"  # the stats record as bytes, in a train message's one ConfigRecord
+
+
+def record_to_bytes(record: ArrayRecord) -> bytes:
+    """An ArrayRecord of numpy arrays as .npz bytes (for a message that may carry only one ArrayRecord)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: a.numpy() for k, a in record.items()})
+    return buffer.getvalue()
+
+
+def record_from_bytes(raw: bytes) -> ArrayRecord:
+    with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+        return ArrayRecord(OrderedDict((k, Array(z[k])) for k in z.files))
+
+
 def stats_digest(record: ArrayRecord) -> str:
     digest = hashlib.sha256()
     for key, arr in record.items():
@@ -129,11 +145,16 @@ def check_update(arrays: ArrayRecord, global_w: dict[str, torch.Tensor]) -> str 
 
 
 def screen_update(
-    arrays: ArrayRecord, global_w: dict[str, torch.Tensor], max_norm: float, reject_zero: bool = False
+    arrays: ArrayRecord,
+    global_w: dict[str, torch.Tensor],
+    max_norm: float,
+    reject_zero: bool = False,
+    clipped_to: float | None = None,
 ) -> tuple[OrderedDict | None, str | None]:
     """(the client's weights, None) when an update may be aggregated, else (None, why not): same keys,
     shapes and dtypes as the global weights, finite values, ||update|| <= max_norm (and > 0 with
-    `reject_zero`: Flower 1.41's DP clipping divides by the norm, flwrlabs/flower#7631)."""
+    `reject_zero`: Flower 1.41's DP clipping divides by the norm, flwrlabs/flower#7631; and within
+    `clipped_to`, to float rounding, where the client clips its own update)."""
     problem = check_update(arrays, global_w)
     if problem is not None:
         return None, problem
@@ -145,4 +166,9 @@ def screen_update(
         return None, f"update norm {norm:.4g} exceeds fl.max_update_norm={max_norm:g}"
     if reject_zero and norm == 0:
         return None, "update is exactly zero (the client did not move); DP clipping cannot scale it"
+    if clipped_to is not None and norm > clipped_to * (1 + 1e-4):
+        return None, (
+            f"update norm {norm:.6g} exceeds privacy.clipping_norm={clipped_to:g}: the client did not clip it "
+            "(privacy.mode=client-clipping needs zk0's ClientApp, which runs Flower's fixedclipping_mod)"
+        )
     return weights, None
