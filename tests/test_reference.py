@@ -127,7 +127,14 @@ def test_the_aux_head_trains_the_vlm_layers_to_locate_the_cube_and_is_not_saved(
     params = [p for _, p in model.trainable_parameters(policy)]
     optimizer = torch.optim.AdamW(params, lr=3e-3)
     policy.forward(batch)
-    auxiliary.aux_loss(policy, batch).backward()  # the auxiliary loss alone
+    aux = auxiliary.aux_loss(policy, batch)
+    with torch.no_grad():
+        predicted = head(head.captured["prefix"], head.captured["mask"])
+    target = batch[auxiliary.OBS_ENV_STATE].reshape(16, -1)  # one position vector per item, not broadcast
+    assert predicted.shape == target.shape == (16, 6)
+    expected = ((predicted - (target - head.mean) / head.std) ** 2).mean()
+    assert float(aux.detach()) == pytest.approx(float(expected), rel=1e-5)
+    aux.backward()  # the auxiliary loss alone
     vlm = policy.model.vlm_with_expert.get_vlm_model()
     layer = dict(vlm.text_model.named_parameters())["layers.0.self_attn.q_proj.weight"]
     assert layer.grad is not None and float(layer.grad.abs().sum()) > 0  # it reaches the VLM layers

@@ -44,8 +44,15 @@ class EnvironmentStateHead(nn.Module):
         return self.mlp(pooled)
 
     def loss(self, target: torch.Tensor) -> torch.Tensor:
-        """MSE of the normalized positions predicted from the prefix the last forward computed."""
+        """MSE of the normalized positions predicted from the prefix the last forward computed (the batch's
+        positions at the current frame: lerobot gives observations a time axis of n_obs_steps)."""
         predicted = self(self.captured["prefix"], self.captured["mask"])
+        if target.dim() == 3:
+            target = target[:, -1]
+        if target.shape != predicted.shape:
+            raise ValueError(
+                f"{OBS_ENV_STATE}: shape {tuple(target.shape)}, the head predicts {tuple(predicted.shape)}"
+            )
         return nn.functional.mse_loss(predicted, (target.float().to(predicted.device) - self.mean) / self.std)
 
 
