@@ -212,40 +212,48 @@ def test_wandb_round_metrics_are_client_prefixed():
     assert flatten_round(record) == flat
 
 
-def test_eight_clients_on_two_actors_keep_one_stream_each(zk0_cli, home):
-    """Issue 14 item 7: a Ray actor serves many clients in turn; it must not keep every client's data
-    loader (worker processes, prefetched batches) alive. Eight clients on two actors, two rounds: each
-    actor has at most one client's loader workers at any time and its memory stays flat from round to round."""
+@pytest.fixture(scope="module")
+def many_owners_private_run(zk0_cli, home):
+    """One Flower run read by two tests: eight smoke owners on two Ray actors (fl.client_num_cpus=1, two loader
+    workers each), from the shipped base, under client-level DP with client-side clipping and a budget
+    that allows two of three rounds. Returns (completed process, its config as sent, epsilon after r rounds)."""
+    from zk0lib.fl import privacy
+
     clients = [
         {"name": f"many-{i}", "repo_id": f"zk0/synthetic-many-{i}", "source": "synthetic", "variant": i % 3}
         for i in range(8)
     ]
-    out = zk0_cli(
-        "train",
-        "--preset",
-        "smoke",
-        "--run-id",
-        "e2e-eight-on-two",
-        "--set",
-        f"data.clients={json.dumps(clients)}",
-        "--set",
-        "fl.num_rounds=2",
-        "--set",
-        "fl.client_num_cpus=1",
-        "--set",
-        "train.local_steps=2",
-        "--set",
-        "train.num_workers=2",
-        "--set",
-        "eval.every=2",
-        "--set",
-        "eval.max_frames=8",
-        "--set",
-        "eval.action_frames=2",
-    )
+    overrides = {
+        "data.clients": json.dumps(clients),
+        "fl.num_rounds": "3",
+        "fl.client_num_cpus": "1",
+        "fl.weighting": "uniform",
+        "train.local_steps": "2",
+        "train.num_workers": "2",
+        "eval.every": "2",
+        "eval.max_frames": "8",
+        "eval.action_frames": "2",
+        "model.pretrained": "base",  # privacy.stats=pretrained (the default): the base's stats, none from clients
+        "privacy.mode": "client-clipping",
+        "privacy.noise_multiplier": "1.0",
+        "privacy.clipping_norm": "0.01",
+    }
+    cfg = load_config("smoke", overrides)
+    eps = [privacy.epsilon_after(cfg, r) for r in range(4)]
+    overrides["privacy.max_epsilon"] = f"{(eps[2] + eps[3]) / 2:.6f}"
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-many-private", *sets)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run = RunRecord(home / "reports" / "runs" / "e2e-eight-on-two")
+    return out, load_config("smoke", overrides), eps
+
+
+def test_eight_clients_on_two_actors_keep_one_stream_each(many_owners_private_run, home):
+    """Issue 14 item 7: a Ray actor serves many clients in turn; it must not keep every client's data
+    loader (worker processes, prefetched batches) alive. Eight clients on two actors, two rounds: each
+    actor has at most one client's loader workers at any time and its memory stays flat from round to round."""
+    run = RunRecord(home / "reports" / "runs" / "e2e-many-private")
     rounds = run.rounds()[1:]
+    assert [r["round"] for r in rounds] == [1, 2]
     by_pid: dict[int, list[tuple[int, dict]]] = {}
     for r in rounds:
         assert len(r["train"]["clients"]) == 8
@@ -261,7 +269,7 @@ def test_eight_clients_on_two_actors_keep_one_stream_each(zk0_cli, home):
         assert late <= early * 1.1 + 64, (early, late)
 
 
-def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_epsilon(zk0_cli, home):
+def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_epsilon(many_owners_private_run, home):
     """privacy.mode=client-clipping on a real Flower run (Flower's fixedclipping_mod in zk0's ClientApp): every
     round records the epsilon Flower's accountant counts, every update arrives clipped, the run ends cleanly
     before the round that would pass max_epsilon with its last good round kept, the resume state carries the
@@ -270,23 +278,10 @@ def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_eps
     from zk0lib.fl.strategy import make_strategy
     from zk0lib.runs import load_resume_state
 
-    overrides = {
-        "fl.num_rounds": "3",
-        "fl.weighting": "uniform",
-        "privacy.mode": "client-clipping",
-        "privacy.noise_multiplier": "1.0",
-        "privacy.clipping_norm": "0.05",
-        "model.pretrained": "base",  # privacy.stats=pretrained (the default): the base's stats, none from clients
-    }
-    cfg = load_config("smoke", overrides)
-    eps = [privacy.epsilon_after(cfg, r) for r in range(4)]
-    overrides["privacy.max_epsilon"] = f"{(eps[2] + eps[3]) / 2:.6f}"
-    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    out = zk0_cli("train", "--preset", "smoke", "--run-id", "e2e-private", *sets)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert "privacy: client-side clipping at 0.05" in out.stdout and "allows 2 of 3 rounds" in out.stdout
+    out, cfg, eps = many_owners_private_run
+    assert "privacy: client-side clipping at 0.01" in out.stdout and "allows 2 of 3 rounds" in out.stdout
     assert "stopped before round 3: privacy budget" in out.stdout
-    run = RunRecord(home / "reports" / "runs" / "e2e-private")
+    run = RunRecord(home / "reports" / "runs" / "e2e-many-private")
     summary, rounds = run.summary(), run.rounds()
     assert summary["status"] == "completed" and summary["stopped"]["rounds_trained"] == 2
     assert summary["normalization_stats"].startswith("pretrained (base")
@@ -294,10 +289,10 @@ def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_eps
     for r in rounds[1:]:
         p = r["privacy"]
         assert p["releases"] == r["round"] and p["epsilon"] == pytest.approx(eps[r["round"]], rel=1e-6)
-        assert p["delta"] == 1e-5 and p["noise_std"] == pytest.approx(0.025)
-        assert all(m["update_norm"] > 0.05 for m in r["train"]["clients"].values())  # the clipping binds
+        assert p["delta"] == 1e-5 and p["noise_std"] == pytest.approx(1.0 * 0.01 / 8)
+        assert all(m["update_norm"] > 0.01 for m in r["train"]["clients"].values())  # the clipping binds
         assert r["failures"] == [] and p["mode"] == "client-clipping"  # so every update arrived clipped
-    assert summary["privacy"]["epsilon"] == rounds[-1]["privacy"]["epsilon"] <= float(overrides["privacy.max_epsilon"])
+    assert summary["privacy"]["epsilon"] == rounds[-1]["privacy"]["epsilon"] <= cfg.privacy.max_epsilon
     assert (run.path / "checkpoints" / "final" / "model.safetensors").exists()
     # a resumed run goes on counting from the saved ledger
     strategy = privacy.with_privacy(run.config(), make_strategy(run.config()))
