@@ -146,7 +146,7 @@ def test_the_aux_head_trains_the_vlm_layers_to_locate_the_cube_and_is_not_saved(
         aux = auxiliary.aux_loss(policy, batch)
         aux.backward()
         optimizer.step()
-        losses.append(float(aux))
+        losses.append(float(aux.detach()))
     assert losses[-1] < 0.75 * losses[0], losses  # it learns (32-pixel frames here, 25 steps)
     optimizer.zero_grad()
     loss, _ = train.fedprox_backward(policy, batch, [p.detach().clone() for p in params], 0.0)
