@@ -153,3 +153,26 @@ def test_trainable_weights_are_fp32_when_lerobot_loads_the_vlm_in_bf16(smoke_cfg
     batch = bundle.preprocessor(data.collate_or_skip([ds[0], ds[1]]))
     loss = bundle.policy.forward(batch)[0]
     assert torch.isfinite(loss)  # the mixed bf16 VLM / fp32 expert model runs
+
+
+def test_every_process_builds_the_same_aux_head_and_it_travels(smoke_cfg, clients, stats):
+    """train.aux_environment_state in a federation: the server and each client build the head from the same
+    seed, so its weights start equal everywhere, and they are among the trainable weights that travel."""
+    import copy
+
+    import numpy as np
+
+    from zk0lib import auxiliary
+
+    cfg = copy.deepcopy(smoke_cfg)
+    cfg.model.train_expert_only, cfg.train.aux_environment_state = False, 0.5
+    with_env = {**stats, auxiliary.OBS_ENV_STATE: {"mean": np.zeros(6), "std": np.ones(6)}}
+    a, b = (model.build_policy(cfg, clients[0].meta, with_env) for _ in range(2))
+    wa, wb = model.get_trainable(a.policy), model.get_trainable(b.policy)
+    heads = [k for k in wa if k.startswith(auxiliary.HEAD + ".")]
+    assert heads and all(torch.equal(wa[k], wb[k]) for k in heads)
+    plain = model.build_policy(smoke_cfg, clients[0].meta, stats)  # the head's seed leaves the rest as it was
+    shared = [k for k in model.get_trainable(plain.policy) if k in wa]
+    assert shared and all(torch.equal(wa[k], model.get_trainable(plain.policy)[k]) for k in shared[:5])
+    with pytest.raises(ValueError, match="needs observation.environment_state in the datasets"):
+        model.build_policy(cfg, clients[0].meta, stats)
