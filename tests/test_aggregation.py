@@ -246,7 +246,7 @@ def _norm(w: dict[str, torch.Tensor]) -> float:
 def test_server_side_dp_clips_each_clients_update_to_the_clipping_norm():
     cfg = _dp_cfg(clipping_norm=0.5, noise_multiplier=1e-9)  # noise far below float precision of the check
     global_w = _big(0)
-    updates = {0: _big(1, 3.0), 1: _big(2, 0.001)}  # norm ~430: clipped; norm ~0.14: left as it is
+    updates = {0: _big(1, 3.0), 1: _big(2, 0.001)}  # norm 427: clipped; norm 0.142: left as it is
     local = {i: {k: global_w[k] + u[k] for k in global_w} for i, u in updates.items()}
     out, _, _ = _round(cfg, local, {0: 64, 1: 64}, global_w)
     scale = [min(1.0, 0.5 / _norm(updates[i])) for i in range(2)]

@@ -15,6 +15,8 @@ the action expert reads at every layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -102,6 +104,19 @@ def _wrap(owner: Any, method: str, keep: Any) -> None:
 
 def head_of(policy: Any) -> EnvironmentStateHead | None:
     return getattr(policy, HEAD, None)
+
+
+@contextmanager
+def head_set_aside(policy: Any) -> Iterator[None]:
+    """The policy without its head for the duration (what a saved policy holds), then with it again."""
+    head = head_of(policy)
+    if head is not None:
+        delattr(policy, HEAD)
+    try:
+        yield
+    finally:
+        if head is not None:
+            setattr(policy, HEAD, head)
 
 
 def aux_loss(policy: Any, batch: dict) -> torch.Tensor | None:

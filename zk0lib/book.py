@@ -119,6 +119,11 @@ class RoundBook:
             self.best = {"round": server_round, **mean, "selected_on": selected_on, "selection_loss": score}
             model.save_policy(bundle, self.run.checkpoint("best"))
         if server_round == self.cfg.fl.num_rounds:
+            self.save_final(bundle)
+
+    def save_final(self, bundle: model.PolicyBundle) -> None:
+        """The run's final model (after its last round, or the last good one of a run stopped early)."""
+        if self.cfg.output.save_checkpoints:
             model.save_policy(bundle, self.run.checkpoint("final"))
 
     def commit(self, record: RoundRecord) -> None:

@@ -357,9 +357,9 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
         from zk0lib import auxiliary
 
         auxiliary.attach(policy, stats, cfg.train.aux_environment_state, cfg.model.init_seed)
-    fp32_master_weights(policy)
     if cfg.model.peft.method == "lora":
         policy = wrap_with_lora(policy, cfg.model.peft, cfg.model.init_seed)
+    fp32_master_weights(policy)  # after LoRA: only what trains in the end is made fp32
     norm_features = {**pc.input_features, **pc.output_features}
     if cfg.model.pretrained == TINY:
         pre, post = make_pre_post_processors(pc, dataset_stats=stats)
@@ -400,20 +400,17 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
     return PolicyBundle(policy=policy, preprocessor=pre, postprocessor=post, device=device)
 
 
-def fp32_master_weights(policy: torch.nn.Module) -> list[str]:
-    """Make every trainable parameter fp32 (the frozen ones keep their dtype) and return the names changed.
+def fp32_master_weights(policy: torch.nn.Module) -> None:
+    """Make every trainable parameter fp32 (the frozen ones keep their dtype).
 
     With `load_vlm_weights`, lerobot loads the VLM in bf16 and builds the action expert from a copy of its
     config, so the expert comes out bf16 too; an optimizer step on bf16 weights rounds away any update
     below the weight's bf16 spacing (1/256 of it), which is most of a 1e-4 step. lerobot casts each
     layer's input to that layer's weight dtype, so a mixed model runs; on CUDA the compute goes under bf16
     autocast (train.amp), the weights the optimizer updates and that travel stay fp32."""
-    changed = []
-    for name, param in policy.named_parameters():
+    for param in policy.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
-            changed.append(name)
-    return changed
 
 
 def _read_environment_state(pc: Any, features: dict) -> None:
@@ -549,12 +546,10 @@ def save_policy(bundle: PolicyBundle, path: Path) -> None:
         merged_policy(bundle.policy).save_pretrained(tmp)
         bundle.policy.save_pretrained(tmp / ADAPTER_DIR)
     else:
-        head = bundle.policy.__dict__["_modules"].pop("zk0_aux_head", None)  # a training-only head: not saved
-        try:
+        from zk0lib import auxiliary
+
+        with auxiliary.head_set_aside(bundle.policy):  # a training-only head: not saved
             bundle.policy.save_pretrained(tmp)
-        finally:
-            if head is not None:
-                bundle.policy.zk0_aux_head = head
     bundle.preprocessor.save_pretrained(tmp)
     bundle.postprocessor.save_pretrained(tmp)
     old = path.with_name(f".{path.name}.old")

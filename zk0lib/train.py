@@ -69,7 +69,7 @@ def fedprox_backward(
         aux = auxiliary.aux_loss(policy, batch)  # train.aux_environment_state: None unless the policy has a head
     (loss if aux is None else loss + auxiliary.head_of(policy).weight * aux).backward()
     if aux is not None:
-        auxiliary.head_of(policy).last = float(aux.detach())
+        auxiliary.head_of(policy).last = aux.detach()  # read with the step's loss (one sync a step, not two)
     if mu == 0:
         return loss.detach(), torch.zeros((), device=loss.device)
     params = [p for _, p in trainable_parameters(policy)]
@@ -193,7 +193,7 @@ def train_steps(
         losses.append(loss.item())
         proxes.append(prox.item())
         if head is not None:
-            aux_losses.append(head.last)
+            aux_losses.append(head.last.item())
         if progress is not None and time.perf_counter() >= next_line and len(losses) < steps:
             elapsed = time.perf_counter() - t0
             progress(

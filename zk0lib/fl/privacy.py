@@ -81,13 +81,28 @@ def inner_strategy(strategy: Any) -> Any:
     return getattr(strategy, "strategy", strategy)
 
 
+def _round_event(cfg: ExperimentConfig) -> GaussianPrivacyEvent:
+    """One round's release as the DP wrapper reports it to the accountant."""
+    n = len(cfg.data.clients)
+    return GaussianPrivacyEvent(cfg.privacy.noise_multiplier, cfg.fl.sample_size(n), n)
+
+
 def epsilon_after(cfg: ExperimentConfig, rounds: int) -> float:
-    """The epsilon `rounds` rounds of privacy.mode=server-clipping spend, at privacy.target_delta."""
+    """The epsilon `rounds` rounds of DP spend, at privacy.target_delta."""
     count = accountant(cfg)
-    sampled = cfg.fl.sample_size(len(cfg.data.clients))
     if rounds > 0:
-        count.compose(GaussianPrivacyEvent(cfg.privacy.noise_multiplier, sampled, len(cfg.data.clients)), rounds)
+        count.compose(_round_event(cfg), rounds)
     return float(count.get_epsilon(cfg.privacy.target_delta))
+
+
+def rounds_within(cfg: ExperimentConfig, max_epsilon: float) -> int:
+    """How many of the run's rounds fit in `max_epsilon` (the accountant's own would_exceed, round by round)."""
+    count, event = accountant(cfg), _round_event(cfg)
+    rounds = 0
+    while rounds < cfg.fl.num_rounds and not count.would_exceed(event, max_epsilon):
+        count.compose(event)
+        rounds += 1
+    return rounds
 
 
 def plan(cfg: ExperimentConfig) -> str:
@@ -104,8 +119,9 @@ def plan(cfg: ExperimentConfig) -> str:
         f"at delta {v.target_delta:g}"
     )
     if v.max_epsilon is not None:
-        rounds = max((r for r in range(cfg.fl.num_rounds + 1) if epsilon_after(cfg, r) <= v.max_epsilon), default=0)
-        line += f"; max_epsilon {v.max_epsilon:g} allows {rounds} of {cfg.fl.num_rounds} rounds"
+        line += (
+            f"; max_epsilon {v.max_epsilon:g} allows {rounds_within(cfg, v.max_epsilon)} of {cfg.fl.num_rounds} rounds"
+        )
     return line
 
 

@@ -140,8 +140,8 @@ class FederatedServer:
                     "rounds_planned": cfg.fl.num_rounds,
                 }
                 self.book.log(f"stopped before round {server_round}: {self.stopped['reason']}")
-                if server_round > 1 and cfg.output.save_checkpoints:  # the last good round is the final model
-                    model.save_policy(self.bundle, self.run.checkpoint("final"))
+                if server_round > 1:  # the last good round (its weights are the bundle's) is the final model
+                    self.book.save_final(self.bundle)
                 break
 
     def one_round(
@@ -195,10 +195,11 @@ class FederatedServer:
         else:
             encoded = encode_arrays(rd.global_w, self.cfg.fl.transport_dtype if phase == "train" else "float32")
         rd.serialize_seconds += time.perf_counter() - t0
+        stats_bytes = record_to_bytes(self.stats_record) if clipping else None
         for m in messages:
             m.content["arrays"] = encoded
             if clipping:  # the mod takes one ArrayRecord and one ConfigRecord: the stats go inside the config
-                m.content["config"][STATS_IN_CONFIG] = record_to_bytes(self.stats_record)
+                m.content["config"][STATS_IN_CONFIG] = stats_bytes
             else:
                 m.content["norm_stats"] = self.stats_record
         if phase == "train":
