@@ -156,3 +156,95 @@ def test_the_aux_head_trains_the_vlm_layers_to_locate_the_cube_and_is_not_saved(
         assert not any(k.startswith("zk0_aux_head") for k in f.keys())
     assert auxiliary.head_of(bundle.policy) is head  # still training after the save
     model.load_policy(tmp_path / "saved")
+
+
+def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(recording, tmp_path):
+    """model.estimate_environment_state (rung 2): a keypoint readout of the camera tokens estimates the cube
+    and target positions; the estimate (detached) replaces the state token's environment slots, only its own
+    loss trains it, a few steps lower that loss, and a saved policy reloads with the same estimator."""
+    import torch
+
+    from zk0lib import auxiliary, data, model, train
+    from zk0lib.config import ClientConfig, ConfigError, load_config
+
+    overrides = {"data.sim_episodes": 12, "data.sim_image_size": 32, "data.heldout_episodes": 2}
+    with pytest.raises(ConfigError, match="train.aux_environment_state: set it > 0"):
+        load_config("demo", {**overrides, "model.estimate_environment_state": True})
+    with pytest.raises(ConfigError, match="choose one"):
+        load_config(
+            "demo",
+            {
+                **overrides,
+                "model.estimate_environment_state": True,
+                "model.environment_state": True,
+                "train.aux_environment_state": 1.0,
+            },
+        )
+    cfg = load_config(
+        "demo",
+        {
+            **overrides,
+            "model.estimate_environment_state": True,
+            "data.cache": "features",
+            "train.aux_environment_state": 1.0,
+        },
+    )  # the expert alone trains, beside the estimator
+    cfg.data.clients = [ClientConfig("lab-red", source="sim", lab="lab-red")]  # the fixture's recording
+    client = data.open_client(cfg, 0)
+    stats = data.pooled_stats([client.meta])
+    bundle = model.build_policy(cfg, client.meta, stats)
+    policy, head = bundle.policy, auxiliary.head_of(bundle.policy)
+    assert isinstance(head, auxiliary.StateEstimator) and head.state_size == 6
+    assert any(n.startswith("zk0_aux_head.channels") for n, _ in model.trainable_parameters(policy))
+    frames = data.open_for(cfg, client, client.train_episodes, bundle.config)
+    embedded = data.embedded_for(cfg, frames, bundle)
+    batch = bundle.preprocessor(data.collate_or_skip([embedded[i] for i in range(0, 160, 10)]))
+    policy.train()
+
+    # the estimate fills the state token: another estimate, another last prefix token, the rest unchanged
+    inner = policy.model
+    images, img_masks = policy.prepare_images(batch)
+    args = (images, img_masks, batch["observation.language.tokens"], batch["observation.language.attention_mask"])
+    state = policy.prepare_state(batch)
+    with torch.no_grad():
+        before = inner.embed_prefix(*args, state=state)[0]
+        head.mlp[-1].bias += 1.0
+        after = inner.embed_prefix(*args, state=state)[0]
+        head.mlp[-1].bias -= 1.0
+    assert head.captured["estimate"].shape == (16, 6)
+    assert torch.equal(before[:, :-1], after[:, :-1]) and not torch.allclose(before[:, -1], after[:, -1])
+
+    loss, _ = policy.forward(batch)
+    loss.backward()  # the flow-matching loss alone does not train the estimator (its estimate is detached)
+    assert all(p.grad is None for p in head.parameters())
+    assert inner.state_proj.weight.grad is not None
+    policy.zero_grad()
+    params = [p for _, p in model.trainable_parameters(policy)]
+    optimizer = torch.optim.AdamW(list(head.parameters()), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        policy.forward(batch)
+        aux = auxiliary.aux_loss(policy, batch)
+        aux.backward()
+        optimizer.step()
+        losses.append(float(aux.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses  # it learns (32-pixel frames here, 30 steps)
+    policy.zero_grad()
+    loss, _ = train.fedprox_backward(policy, batch, [p.detach().clone() for p in params], 0.0)
+    assert torch.isfinite(loss) and head.last > 0 and head.channels.weight.grad is not None
+
+    model.save_policy(bundle, tmp_path / "saved")
+    assert (tmp_path / "saved" / f"{auxiliary.ESTIMATOR_FILE}.safetensors").exists()
+    loaded = model.load_policy(tmp_path / "saved")
+    twin = auxiliary.head_of(loaded.policy)
+    assert isinstance(twin, auxiliary.StateEstimator)
+    tokens = torch.randn(3, head.shape["cameras"] * head.shape["tokens"], head.shape["width"])
+    head.eval()
+    with torch.no_grad():
+        assert torch.allclose(head(tokens), twin(tokens))
+    pixels = loaded.preprocessor(data.collate_or_skip([frames[i] for i in (0, 50)]))
+    loaded.policy.reset()
+    with torch.no_grad():
+        action = loaded.policy.select_action(pixels)  # from the cameras, through the reloaded estimator
+    assert action.shape[0] == 2 and twin.captured["estimate"].shape == (2, 6)

@@ -10,10 +10,19 @@ federation's stats), as privileged simulator state is used as an auxiliary targe
 The state is a training target only: the policy still sees the cameras and the joints, nothing else, and
 the head is dropped from saved policies. It trains the VLM layers (model.train_expert_only=false), which
 the action expert reads at every layer.
+
+`model.estimate_environment_state` is the other way to use the same target: a state estimator that is part
+of the policy. It reads each camera's image tokens (the frozen vision path's output, so `data.cache=features`
+serves it) with a spatial softmax, the keypoint readout of visuomotor policy learning (per learned channel,
+the expected grid position of where it fires), and an MLP turns the keypoints into the cube's and target's
+positions. Its estimate (detached: only the estimator's own loss trains it) fills the state slots that
+rung 1 filled with the recorded positions, so the action expert reads it as it read the answer. At
+inference the policy still sees only the cameras and the joints; the estimator is saved with it.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +33,7 @@ from torch import nn
 
 OBS_ENV_STATE = "observation.environment_state"
 HEAD = "zk0_aux_head"  # the head's attribute on the policy (its parameters train and travel with the rest)
+ESTIMATOR_FILE = "zk0_state_estimator"  # .json (its shape and stats) and .safetensors, beside a saved policy
 
 
 class EnvironmentStateHead(nn.Module):
@@ -45,10 +55,13 @@ class EnvironmentStateHead(nn.Module):
         pooled = (scores.softmax(dim=1).unsqueeze(-1) * tokens).sum(dim=1)
         return self.mlp(pooled)
 
+    def predicted(self) -> torch.Tensor:
+        return self(self.captured["prefix"], self.captured["mask"])
+
     def loss(self, target: torch.Tensor) -> torch.Tensor:
         """MSE of the normalized positions predicted from the prefix the last forward computed (the batch's
         positions at the current frame: lerobot gives observations a time axis of n_obs_steps)."""
-        predicted = self(self.captured["prefix"], self.captured["mask"])
+        predicted = self.predicted()
         if target.dim() == 3:
             target = target[:, -1]
         if target.shape != predicted.shape:
@@ -56,6 +69,52 @@ class EnvironmentStateHead(nn.Module):
                 f"{OBS_ENV_STATE}: shape {tuple(target.shape)}, the head predicts {tuple(predicted.shape)}"
             )
         return nn.functional.mse_loss(predicted, (target.float().to(predicted.device) - self.mean) / self.std)
+
+
+class StateEstimator(nn.Module):
+    """Camera tokens -> normalized cube and target positions: per camera, a spatial softmax over its token grid
+    (LayerNorm, a linear map to `keypoints` channels, softmax over the grid, each channel's expected x and y),
+    then an MLP over every camera's keypoints."""
+
+    is_estimator = True
+
+    def __init__(
+        self, width: int, cameras: int, tokens: int, mean: Any, std: Any, keypoints: int = 32, hidden: int = 256
+    ):
+        super().__init__()
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"model.estimate_environment_state: {tokens} tokens per camera do not form a square grid")
+        self.shape = {"width": width, "cameras": cameras, "tokens": tokens, "keypoints": keypoints, "hidden": hidden}
+        self.norm = nn.LayerNorm(width)
+        self.channels = nn.Linear(width, keypoints)
+        self.mlp = nn.Sequential(
+            nn.Linear(cameras * keypoints * 2, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(hidden, len(mean)),
+        )  # fmt: skip
+        axis = torch.linspace(-1.0, 1.0, side)
+        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(tokens, 2)  # (row, column)
+        self.register_buffer("grid", grid, persistent=False)
+        self.register_buffer("mean", torch.as_tensor(mean).float().flatten(), persistent=False)
+        self.register_buffer("std", torch.as_tensor(std).float().flatten().clamp_min(1e-6), persistent=False)
+        self.captured: dict[str, torch.Tensor] = {}
+
+    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        b = image_tokens.shape[0]
+        c, t = self.shape["cameras"], self.shape["tokens"]
+        if image_tokens.shape[1] != c * t:
+            raise ValueError(
+                f"model.estimate_environment_state: the prefix has {image_tokens.shape[1]} image tokens, the "
+                f"estimator was built for {c} cameras of {t}"
+            )
+        fire = self.channels(self.norm(image_tokens.float())).reshape(b, c, t, -1).softmax(dim=2)
+        points = torch.einsum("bctk,td->bckd", fire, self.grid)
+        return self.mlp(points.reshape(b, -1))
+
+    def predicted(self) -> torch.Tensor:
+        return self.captured["estimate"]
+
+    loss = EnvironmentStateHead.loss
 
 
 def attach(policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: int) -> EnvironmentStateHead:
@@ -87,6 +146,105 @@ def attach(policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: i
     _wrap(inner.vlm_with_expert, "forward", keep_prefix)
     setattr(policy, HEAD, head)
     return head
+
+
+def attach_estimator(
+    policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: int, state_size: int
+) -> StateEstimator:
+    """model.estimate_environment_state: build the seeded estimator for this policy's cameras and attach it."""
+    if OBS_ENV_STATE not in stats:
+        raise ValueError(
+            f"model.estimate_environment_state learns from {OBS_ENV_STATE}, which these datasets do not have "
+            "(zk0's sim recordings have it): set model.estimate_environment_state=false"
+        )
+    inner = policy.model
+    cameras = len(policy.config.image_features)
+    tokens = _tokens_per_camera(policy)
+    s = stats[OBS_ENV_STATE]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        head = StateEstimator(
+            inner.vlm_with_expert.config.text_config.hidden_size, cameras, tokens, s["mean"], s["std"]
+        )
+    return _attach_estimator(policy, head, weight, state_size)
+
+
+def _attach_estimator(policy: Any, head: StateEstimator, weight: float, state_size: int) -> StateEstimator:
+    inner = policy.model
+    if policy.config.add_image_special_tokens:
+        raise ValueError(
+            "model.estimate_environment_state: not with add_image_special_tokens (the image tokens' place)"
+        )
+    size = state_size + head.mean.numel()
+    if size > policy.config.max_state_dim:
+        raise ValueError(
+            f"model.estimate_environment_state: the state with the estimate has {size} numbers, more than the "
+            f"policy's max_state_dim={policy.config.max_state_dim}"
+        )
+    head.to(next(policy.parameters()).device)
+    head.weight, head.state_size = weight, state_size
+    original = inner.embed_prefix
+
+    def embed_prefix(images: Any, img_masks: Any, lang_tokens: Any, lang_masks: Any, state: Any = None) -> Any:
+        embs, pad_masks, att_masks = original(images, img_masks, lang_tokens, lang_masks, state=state)
+        if state is None or state.dim() != 2:
+            raise ValueError("model.estimate_environment_state: SmolVLA's padded state must be (batch, max_state_dim)")
+        n_image = embs.shape[1] - lang_tokens.shape[1] - 1  # the prefix: camera tokens, task, one state token
+        estimate = head(embs[:, :n_image])
+        head.captured["estimate"] = estimate
+        filled = state.clone()
+        filled[:, state_size:size] = estimate.detach().to(state.dtype)
+        proj = inner.state_proj
+        state_emb = proj(filled.to(proj.weight.dtype)).to(embs.dtype)
+        return torch.cat([embs[:, :-1], state_emb[:, None]], dim=1), pad_masks, att_masks
+
+    inner.embed_prefix = embed_prefix
+    setattr(policy, HEAD, head)
+    return head
+
+
+def _tokens_per_camera(policy: Any) -> int:
+    """Image tokens per camera, measured by embedding one blank frame of the policy's input size."""
+    inner = policy.model
+    size = policy.config.resize_imgs_with_padding or next(iter(policy.config.image_features.values())).shape[1:]
+    param = next(inner.parameters())
+    with torch.no_grad():
+        blank = torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)
+        return int(inner.vlm_with_expert.embed_image(blank).shape[1])
+
+
+def save_estimator(policy: Any, folder: Any) -> None:
+    """Write the estimator beside a saved policy (nothing when the policy has none)."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    head = head_of(policy)
+    if head is None or not getattr(head, "is_estimator", False):
+        return
+    folder = Path(folder)
+    spec = {**head.shape, "state_size": head.state_size, "mean": head.mean.tolist(), "std": head.std.tolist()}
+    (folder / f"{ESTIMATOR_FILE}.json").write_text(json.dumps(spec, indent=1))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+        folder / f"{ESTIMATOR_FILE}.safetensors",
+    )
+
+
+def load_estimator(policy: Any, folder: Any, weight: float = 0.0) -> StateEstimator | None:
+    """Reattach a saved policy's estimator (None when the folder has none)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    spec_path = Path(folder) / f"{ESTIMATOR_FILE}.json"
+    if not spec_path.exists():
+        return None
+    spec = json.loads(spec_path.read_text())
+    state_size = spec.pop("state_size")
+    head = StateEstimator(**spec)
+    head.load_state_dict(load_file(Path(folder) / f"{ESTIMATOR_FILE}.safetensors"))
+    return _attach_estimator(policy, head, weight, state_size)
 
 
 def _wrap(owner: Any, method: str, keep: Any) -> None:

@@ -178,6 +178,10 @@ class ModelConfig:
     # "told the answer" (the closed-loop ladder's rung 1): the recording's observation.environment_state
     # (cube and target positions, sim datasets only), normalized and appended to the state SmolVLA reads
     environment_state: bool = False
+    # rung 2's state estimator (zk0lib/auxiliary.py): a keypoint readout of the camera tokens estimates the
+    # cube and target positions and fills the state slots rung 1 filled with the recorded ones; it learns from
+    # the recording's environment state with weight train.aux_environment_state and is saved with the policy
+    estimate_environment_state: bool = False
     peft: PeftSettings = field(default_factory=PeftSettings)
 
     def problems(self, cfg: ExperimentConfig) -> list[str]:
@@ -238,11 +242,23 @@ class TrainConfig:
         p.need(
             t.aux_environment_state >= 0, f"train.aux_environment_state must be >= 0 (got {t.aux_environment_state})"
         )
+        if cfg.model.estimate_environment_state:
+            p.need(
+                t.aux_environment_state > 0,
+                "model.estimate_environment_state learns from the recording's environment state with weight "
+                "train.aux_environment_state: set it > 0 (e.g. 1)",
+            )
+            p.need(
+                not cfg.model.environment_state,
+                "model.estimate_environment_state and model.environment_state both fill the state's environment "
+                "slots: choose one (the estimate from the cameras, or the recorded answer)",
+            )
         if t.aux_environment_state > 0:
             p.need(
-                not cfg.model.train_expert_only,
+                not cfg.model.train_expert_only or cfg.model.estimate_environment_state,
                 "train.aux_environment_state trains the VLM layers to locate the cube: set model.train_expert_only="
-                "false (and model.freeze_connector=true to keep data.cache=features)",
+                "false (and model.freeze_connector=true to keep data.cache=features), or let a state estimator "
+                "read the cameras (model.estimate_environment_state=true)",
             )
             p.need(cfg.model.peft.method == "none", "train.aux_environment_state: not with model.peft (LoRA)")
         p.need(t.progress_every_s >= 0, f"train.progress_every_s must be >= 0 seconds (got {t.progress_every_s})")

@@ -356,7 +356,15 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
     if cfg.train.aux_environment_state > 0:  # rung 2: the prefix must locate the cube (zk0lib/auxiliary.py)
         from zk0lib import auxiliary
 
-        auxiliary.attach(policy, stats, cfg.train.aux_environment_state, cfg.model.init_seed)
+        w, seed = cfg.train.aux_environment_state, cfg.model.init_seed
+        if cfg.model.estimate_environment_state:
+            from lerobot.utils.constants import OBS_STATE
+
+            state_size = pc.input_features[OBS_STATE].shape[0]
+            if cfg.model.pretrained == TINY or auxiliary.load_estimator(policy, pc.pretrained_path, w) is None:
+                auxiliary.attach_estimator(policy, stats, w, seed, state_size)
+        else:
+            auxiliary.attach(policy, stats, w, seed)
     if cfg.model.peft.method == "lora":
         policy = wrap_with_lora(policy, cfg.model.peft, cfg.model.init_seed)
     fp32_master_weights(policy)  # after LoRA: only what trains in the end is made fp32
@@ -550,6 +558,7 @@ def save_policy(bundle: PolicyBundle, path: Path) -> None:
 
         with auxiliary.head_set_aside(bundle.policy):  # a training-only head: not saved
             bundle.policy.save_pretrained(tmp)
+        auxiliary.save_estimator(bundle.policy, tmp)  # a state estimator is part of the policy: saved beside it
     bundle.preprocessor.save_pretrained(tmp)
     bundle.postprocessor.save_pretrained(tmp)
     old = path.with_name(f".{path.name}.old")
@@ -571,6 +580,9 @@ def load_policy(path: str | Path, device: str = "cpu") -> PolicyBundle:
     policy = SmolVLAPolicy.from_pretrained(path)
     dev = resolve_device(device)
     policy.to(dev)
+    from zk0lib import auxiliary
+
+    auxiliary.load_estimator(policy, path)  # model.estimate_environment_state: the policy's own estimator
     pre, post = make_pre_post_processors(
         policy.config, pretrained_path=str(path), preprocessor_overrides={"device_processor": {"device": dev.type}}
     )
