@@ -230,7 +230,7 @@ def many_owners_private_run(zk0_cli, home):
         "fl.weighting": "uniform",
         "train.local_steps": "2",
         "train.num_workers": "2",
-        "eval.every": "2",
+        "eval.every": "3",  # round 0, then round 2: the last the budget allows is judged as a last round is
         "eval.max_frames": "8",
         "eval.action_frames": "2",
         "model.pretrained": "base",  # privacy.stats=pretrained (the default): the base's stats, none from clients
@@ -286,6 +286,7 @@ def test_a_private_run_counts_epsilon_per_round_and_stops_before_passing_max_eps
     assert summary["status"] == "completed" and summary["stopped"]["rounds_trained"] == 2
     assert summary["normalization_stats"].startswith("pretrained (base")
     assert [r["round"] for r in rounds] == [0, 1, 2] and "privacy" not in rounds[0]
+    assert "eval" not in rounds[1] and "eval" in rounds[2]  # eval.every=3: round 2 is judged as the last round
     for r in rounds[1:]:
         p = r["privacy"]
         assert p["releases"] == r["round"] and p["epsilon"] == pytest.approx(eps[r["round"]], rel=1e-6)

@@ -158,10 +158,12 @@ def test_the_aux_head_trains_the_vlm_layers_to_locate_the_cube_and_is_not_saved(
     model.load_policy(tmp_path / "saved")
 
 
-def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(recording, tmp_path):
-    """model.estimate_environment_state (rung 2): a keypoint readout of the camera tokens estimates the cube
-    and target positions; the estimate (detached) replaces the state token's environment slots, only its own
-    loss trains it, a few steps lower that loss, and a saved policy reloads with the same estimator."""
+@pytest.mark.parametrize("kind", ["tokens", "pixels"])
+def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(recording, tmp_path, kind):
+    """model.estimate_environment_state (rung 2): a keypoint readout of the camera tokens (or of the frames,
+    through its own CNN, which the cached-feature items then keep) estimates the cube and target positions;
+    the estimate (detached) replaces the state token's environment slots, only its own loss trains it, a few
+    steps lower that loss, and a saved policy reloads with the same estimator and acts from the cameras."""
     import torch
 
     from zk0lib import auxiliary, data, model, train
@@ -169,13 +171,15 @@ def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(reco
 
     overrides = {"data.sim_episodes": 12, "data.sim_image_size": 32, "data.heldout_episodes": 2}
     with pytest.raises(ConfigError, match="train.aux_environment_state: set it > 0"):
-        load_config("demo", {**overrides, "model.estimate_environment_state": True})
+        load_config("demo", {**overrides, "model.estimate_environment_state": kind})
+    with pytest.raises(ConfigError, match="one of none, tokens, pixels"):
+        load_config("demo", {**overrides, "model.estimate_environment_state": "true", "train.aux_environment_state": 1})
     with pytest.raises(ConfigError, match="choose one"):
         load_config(
             "demo",
             {
                 **overrides,
-                "model.estimate_environment_state": True,
+                "model.estimate_environment_state": kind,
                 "model.environment_state": True,
                 "train.aux_environment_state": 1.0,
             },
@@ -184,7 +188,7 @@ def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(reco
         "demo",
         {
             **overrides,
-            "model.estimate_environment_state": True,
+            "model.estimate_environment_state": kind,
             "data.cache": "features",
             "train.aux_environment_state": 1.0,
         },
@@ -194,21 +198,31 @@ def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(reco
     stats = data.pooled_stats([client.meta])
     bundle = model.build_policy(cfg, client.meta, stats)
     policy, head = bundle.policy, auxiliary.head_of(bundle.policy)
-    assert isinstance(head, auxiliary.StateEstimator) and head.state_size == 6
-    assert any(n.startswith("zk0_aux_head.channels") for n, _ in model.trainable_parameters(policy))
+    assert head.kind == kind and head.state_size == 6
+    assert any(n.startswith("zk0_aux_head.mlp") for n, _ in model.trainable_parameters(policy))
     frames = data.open_for(cfg, client, client.train_episodes, bundle.config)
     embedded = data.embedded_for(cfg, frames, bundle)
-    batch = bundle.preprocessor(data.collate_or_skip([embedded[i] for i in range(0, 160, 10)]))
+    items = [embedded[i] for i in range(0, 160, 10)]
+    assert ("observation.images.front" in items[0]) == (kind == "pixels")  # frames beside their embeddings
+    batch = bundle.preprocessor(data.collate_or_skip(items))
     policy.train()
 
     # the estimate fills the state token: another estimate, another last prefix token, the rest unchanged
     inner = policy.model
     images, img_masks = policy.prepare_images(batch)
+    assert images[0].dim() == 3  # the cached embeddings
+
+    def keep_frames() -> None:  # as policy.forward keeps them for a pixel estimator
+        if kind == "pixels":
+            head.captured["pixels"] = type(policy).prepare_images(policy, batch)[0]
+
+    keep_frames()
     args = (images, img_masks, batch["observation.language.tokens"], batch["observation.language.attention_mask"])
     state = policy.prepare_state(batch)
     with torch.no_grad():
         before = inner.embed_prefix(*args, state=state)[0]
         head.mlp[-1].bias += 1.0
+        keep_frames()
         after = inner.embed_prefix(*args, state=state)[0]
         head.mlp[-1].bias -= 1.0
     assert head.captured["estimate"].shape == (16, 6)
@@ -232,17 +246,22 @@ def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(reco
     assert losses[-1] < 0.5 * losses[0], losses  # it learns (32-pixel frames here, 30 steps)
     policy.zero_grad()
     loss, _ = train.fedprox_backward(policy, batch, [p.detach().clone() for p in params], 0.0)
-    assert torch.isfinite(loss) and head.last > 0 and head.channels.weight.grad is not None
+    assert torch.isfinite(loss) and head.last > 0 and head.mlp[0].weight.grad is not None
 
     model.save_policy(bundle, tmp_path / "saved")
     assert (tmp_path / "saved" / f"{auxiliary.ESTIMATOR_FILE}.safetensors").exists()
     loaded = model.load_policy(tmp_path / "saved")
     twin = auxiliary.head_of(loaded.policy)
-    assert isinstance(twin, auxiliary.StateEstimator)
-    tokens = torch.randn(3, head.shape["cameras"] * head.shape["tokens"], head.shape["width"])
+    assert type(twin) is type(head) and twin.kind == kind
     head.eval()
-    with torch.no_grad():
-        assert torch.allclose(head(tokens), twin(tokens))
+    if kind == "tokens":
+        tokens = torch.randn(3, head.shape["cameras"] * head.shape["tokens"], head.shape["width"])
+        with torch.no_grad():
+            assert torch.allclose(head(tokens), twin(tokens))
+    else:
+        frames_in = [torch.rand(3, 3, 128, 128) * 2 - 1 for _ in range(head.shape["cameras"])]
+        with torch.no_grad():
+            assert torch.allclose(head(frames_in), twin(frames_in))
     pixels = loaded.preprocessor(data.collate_or_skip([frames[i] for i in (0, 50)]))
     loaded.policy.reset()
     with torch.no_grad():

@@ -86,6 +86,7 @@ class StateEstimator(nn.Module):
         if side * side != tokens:
             raise ValueError(f"model.estimate_environment_state: {tokens} tokens per camera do not form a square grid")
         self.shape = {"width": width, "cameras": cameras, "tokens": tokens, "keypoints": keypoints, "hidden": hidden}
+        self.kind = "tokens"
         self.norm = nn.LayerNorm(width)
         self.channels = nn.Linear(width, keypoints)
         self.mlp = nn.Sequential(
@@ -99,6 +100,9 @@ class StateEstimator(nn.Module):
         self.register_buffer("std", torch.as_tensor(std).float().flatten().clamp_min(1e-6), persistent=False)
         self.captured: dict[str, torch.Tensor] = {}
 
+    def estimate(self, image_tokens: torch.Tensor, pixels: list[torch.Tensor] | None) -> torch.Tensor:
+        return self(image_tokens)
+
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
         b = image_tokens.shape[0]
         c, t = self.shape["cameras"], self.shape["tokens"]
@@ -110,6 +114,69 @@ class StateEstimator(nn.Module):
         fire = self.channels(self.norm(image_tokens.float())).reshape(b, c, t, -1).softmax(dim=2)
         points = torch.einsum("bctk,td->bckd", fire, self.grid)
         return self.mlp(points.reshape(b, -1))
+
+    def predicted(self) -> torch.Tensor:
+        return self.captured["estimate"]
+
+    loss = EnvironmentStateHead.loss
+
+
+def spatial_softmax(maps: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) -> (B, K, 2): each channel's expected (row, column) in [-1, 1] under its softmax over the map."""
+    b, k, h, w = maps.shape
+    fire = maps.float().reshape(b, k, h * w).softmax(dim=-1).reshape(b, k, h, w)
+    rows = torch.linspace(-1.0, 1.0, h, device=maps.device)
+    cols = torch.linspace(-1.0, 1.0, w, device=maps.device)
+    return torch.stack([(fire.sum(dim=3) * rows).sum(dim=2), (fire.sum(dim=2) * cols).sum(dim=2)], dim=-1)
+
+
+class PixelStateEstimator(nn.Module):
+    """Camera frames -> normalized cube and target positions: per camera, its own small CNN on the frame at
+    `size` x `size` (two 5x5/3x3 convolutions, the first of stride 2, then a 1x1 to `keypoints` maps) and a
+    spatial softmax over its map; an MLP over every camera's keypoints. It sees the pixels, so it can place
+    the cube finer than the vision encoder's token grid."""
+
+    is_estimator = True
+
+    def __init__(self, cameras: int, mean: Any, std: Any, size: int = 64, keypoints: int = 16, hidden: int = 256):
+        super().__init__()
+        self.shape = {"cameras": cameras, "size": size, "keypoints": keypoints, "hidden": hidden}
+        self.kind = "pixels"
+        self.convs = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.GELU(), nn.Conv2d(16, 32, 3, padding=1), nn.GELU(),
+                nn.Conv2d(32, keypoints, 1),
+            )
+            for _ in range(cameras)
+        )  # fmt: skip
+        self.mlp = nn.Sequential(
+            nn.Linear(cameras * keypoints * 2, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(hidden, len(mean)),
+        )  # fmt: skip
+        self.register_buffer("mean", torch.as_tensor(mean).float().flatten(), persistent=False)
+        self.register_buffer("std", torch.as_tensor(std).float().flatten().clamp_min(1e-6), persistent=False)
+        self.captured: dict[str, Any] = {}
+
+    def estimate(self, image_tokens: torch.Tensor, pixels: list[torch.Tensor] | None) -> torch.Tensor:
+        if pixels is None:
+            raise ValueError(
+                "model.estimate_environment_state=pixels: the batch has no camera frames (with data.cache=features "
+                "the training items keep them for the estimator)"
+            )
+        return self(pixels)
+
+    def forward(self, pixels: list[torch.Tensor]) -> torch.Tensor:
+        """`pixels`: one (B, 3, H, W) frame per camera in [-1, 1], as SmolVLA prepares them for its encoder."""
+        if len(pixels) != len(self.convs):
+            raise ValueError(
+                f"model.estimate_environment_state=pixels: {len(pixels)} cameras, the estimator has {len(self.convs)}"
+            )
+        size = self.shape["size"]
+        points = [
+            spatial_softmax(conv(nn.functional.interpolate(img.float(), size=(size, size), mode="area")))
+            for conv, img in zip(self.convs, pixels, strict=True)
+        ]
+        return self.mlp(torch.cat([q.flatten(1) for q in points], dim=1))
 
     def predicted(self) -> torch.Tensor:
         return self.captured["estimate"]
@@ -149,27 +216,29 @@ def attach(policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: i
 
 
 def attach_estimator(
-    policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: int, state_size: int
-) -> StateEstimator:
-    """model.estimate_environment_state: build the seeded estimator for this policy's cameras and attach it."""
+    policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: int, state_size: int, kind: str = "tokens"
+) -> StateEstimator | PixelStateEstimator:
+    """model.estimate_environment_state (tokens or pixels): build the seeded estimator for this policy's
+    cameras and attach it."""
     if OBS_ENV_STATE not in stats:
         raise ValueError(
             f"model.estimate_environment_state learns from {OBS_ENV_STATE}, which these datasets do not have "
-            "(zk0's sim recordings have it): set model.estimate_environment_state=false"
+            "(zk0's sim recordings have it): set model.estimate_environment_state=none"
         )
     inner = policy.model
     cameras = len(policy.config.image_features)
-    tokens = _tokens_per_camera(policy)
     s = stats[OBS_ENV_STATE]
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        head = StateEstimator(
-            inner.vlm_with_expert.config.text_config.hidden_size, cameras, tokens, s["mean"], s["std"]
-        )
+        if kind == "pixels":
+            head: Any = PixelStateEstimator(cameras, s["mean"], s["std"])
+        else:
+            width = inner.vlm_with_expert.config.text_config.hidden_size
+            head = StateEstimator(width, cameras, _tokens_per_camera(policy), s["mean"], s["std"])
     return _attach_estimator(policy, head, weight, state_size)
 
 
-def _attach_estimator(policy: Any, head: StateEstimator, weight: float, state_size: int) -> StateEstimator:
+def _attach_estimator(policy: Any, head: Any, weight: float, state_size: int) -> Any:
     inner = policy.model
     if policy.config.add_image_special_tokens:
         raise ValueError(
@@ -190,7 +259,9 @@ def _attach_estimator(policy: Any, head: StateEstimator, weight: float, state_si
         if state is None or state.dim() != 2:
             raise ValueError("model.estimate_environment_state: SmolVLA's padded state must be (batch, max_state_dim)")
         n_image = embs.shape[1] - lang_tokens.shape[1] - 1  # the prefix: camera tokens, task, one state token
-        estimate = head(embs[:, :n_image])
+        # the frames: these images, or (data.cache=features, where the images are embeddings) the batch's own
+        pixels = list(images) if images[0].dim() == 4 else head.captured.pop("pixels", None)
+        estimate = head.estimate(embs[:, :n_image], pixels)
         head.captured["estimate"] = estimate
         filled = state.clone()
         filled[:, state_size:size] = estimate.detach().to(state.dtype)
@@ -199,8 +270,25 @@ def _attach_estimator(policy: Any, head: StateEstimator, weight: float, state_si
         return torch.cat([embs[:, :-1], state_emb[:, None]], dim=1), pad_masks, att_masks
 
     inner.embed_prefix = embed_prefix
+    if head.kind == "pixels":
+        forward = policy.forward
+
+        def forward_keeping_frames(batch: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            from zk0lib.cache import embedding_key
+
+            keys = list(policy.config.image_features)
+            if all(k in batch for k in keys) and any(embedding_key(k) in batch for k in keys):
+                head.captured["pixels"] = type(policy).prepare_images(policy, batch)[0]  # lerobot's own preparation
+            return forward(batch, *args, **kwargs)
+
+        policy.forward = forward_keeping_frames
     setattr(policy, HEAD, head)
     return head
+
+
+def needs_frames(policy: Any) -> bool:
+    """Whether the policy's estimator reads the camera frames (so cached-feature items must keep them)."""
+    return getattr(head_of(policy), "kind", None) == "pixels"
 
 
 def _tokens_per_camera(policy: Any) -> int:
@@ -223,7 +311,13 @@ def save_estimator(policy: Any, folder: Any) -> None:
     if head is None or not getattr(head, "is_estimator", False):
         return
     folder = Path(folder)
-    spec = {**head.shape, "state_size": head.state_size, "mean": head.mean.tolist(), "std": head.std.tolist()}
+    spec = {
+        **head.shape,
+        "kind": head.kind,
+        "state_size": head.state_size,
+        "mean": head.mean.tolist(),
+        "std": head.std.tolist(),
+    }
     (folder / f"{ESTIMATOR_FILE}.json").write_text(json.dumps(spec, indent=1))
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
@@ -231,7 +325,7 @@ def save_estimator(policy: Any, folder: Any) -> None:
     )
 
 
-def load_estimator(policy: Any, folder: Any, weight: float = 0.0) -> StateEstimator | None:
+def load_estimator(policy: Any, folder: Any, weight: float = 0.0) -> Any:
     """Reattach a saved policy's estimator (None when the folder has none)."""
     from pathlib import Path
 
@@ -241,8 +335,8 @@ def load_estimator(policy: Any, folder: Any, weight: float = 0.0) -> StateEstima
     if not spec_path.exists():
         return None
     spec = json.loads(spec_path.read_text())
-    state_size = spec.pop("state_size")
-    head = StateEstimator(**spec)
+    state_size, kind = spec.pop("state_size"), spec.pop("kind", "tokens")
+    head = PixelStateEstimator(**spec) if kind == "pixels" else StateEstimator(**spec)
     head.load_state_dict(load_file(Path(folder) / f"{ESTIMATOR_FILE}.safetensors"))
     return _attach_estimator(policy, head, weight, state_size)
 

@@ -358,10 +358,17 @@ class EmbeddedItems(torch.utils.data.Dataset):
     policy reads them through `read_image_features`. Rows of camera frames with time deltas are not
     supported (SmolVLA looks at the current frame only)."""
 
-    def __init__(self, items: CachedItems, features: ImageFeatures, rename: dict[str, str] | None = None):
+    def __init__(
+        self,
+        items: CachedItems,
+        features: ImageFeatures,
+        rename: dict[str, str] | None = None,
+        keep_frames: bool = False,
+    ):
         if any(items.deltas[k].tolist() != [0] for k in items.video_keys if k in items.deltas):
             raise ValueError("image features are cached for the current frame only; the policy asks for frame deltas")
         self.items, self.features, self.rename = items, features, dict(rename or {})
+        self.keep_frames = keep_frames  # the frames too, beside their embeddings (a pixel state estimator)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -373,7 +380,7 @@ class EmbeddedItems(torch.utils.data.Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         items = self.items
-        item = items.assemble(idx, frames=False)
+        item = items.assemble(idx, frames=self.keep_frames)
         row = int(items.store.rows(int(item["episode_index"]), [item["timestamp"].item()])[0])
         for camera in items.video_keys:
             item[embedding_key(self.rename.get(camera, camera))] = self.features.rows(camera, row)
@@ -387,9 +394,11 @@ def with_image_features(
     bundle's policy reading them (see read_image_features)."""
     if not isinstance(dataset, CachedItems):
         raise ValueError("image features are built from the frame cache: open the dataset with a frame_cache folder")
+    from zk0lib.auxiliary import needs_frames
+
     features = image_features(dataset.store, bundle, cache_dir)
     read_image_features(bundle.policy)
-    return EmbeddedItems(dataset, features, rename)
+    return EmbeddedItems(dataset, features, rename, keep_frames=needs_frames(bundle.policy))
 
 
 def read_image_features(policy: Any) -> Any:

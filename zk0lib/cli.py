@@ -322,6 +322,14 @@ def cmd_sim_aim(args: argparse.Namespace) -> int:
             f"| {a['pan_spread_deg']:.1f} / {a['expert_pan_spread_deg']:.1f} | {per_lab} |",
             flush=True,
         )
+        if "cube_error_cm" in a:  # a policy with a state estimator: how well it locates the cube and target
+            per_lab = " / ".join(f"{v['cube_error_cm']:.1f}" for v in a["labs"].values())
+            print(
+                f"|   its state estimator: cube {a['cube_error_cm']:.1f} cm (guessing the mean "
+                f"{a['cube_error_if_mean_cm']:.1f}), target {a['target_error_cm']:.1f} cm "
+                f"({a['target_error_if_mean_cm']:.1f}) | | | | cube per lab: {per_lab} |",
+                flush=True,
+            )
     out = Path(args.out) if args.out else zk0_home() / "reports" / "aim" / f"{args.preset}.json"
     write_json(out, {"command": "zk0 " + " ".join(args.argv), "episodes_per_lab": args.episodes, "rows": rows})
     print(f"zk0 sim aim: {args.episodes} held-out cube positions per lab -> {out}")

@@ -178,10 +178,11 @@ class ModelConfig:
     # "told the answer" (the closed-loop ladder's rung 1): the recording's observation.environment_state
     # (cube and target positions, sim datasets only), normalized and appended to the state SmolVLA reads
     environment_state: bool = False
-    # rung 2's state estimator (zk0lib/auxiliary.py): a keypoint readout of the camera tokens estimates the
-    # cube and target positions and fills the state slots rung 1 filled with the recorded ones; it learns from
-    # the recording's environment state with weight train.aux_environment_state and is saved with the policy
-    estimate_environment_state: bool = False
+    # rung 2's state estimator (zk0lib/auxiliary.py): a keypoint readout estimates the cube and target
+    # positions and fills the state slots rung 1 filled with the recorded ones; it learns from the recording's
+    # environment state with weight train.aux_environment_state and is saved with the policy. none | tokens
+    # (from the frozen vision path's camera tokens) | pixels (its own small CNN on the camera frames at 64x64)
+    estimate_environment_state: str = "none"
     peft: PeftSettings = field(default_factory=PeftSettings)
 
     def problems(self, cfg: ExperimentConfig) -> list[str]:
@@ -200,6 +201,10 @@ class ModelConfig:
         )
         p.need(m.num_denoise_steps >= 1, f"model.num_denoise_steps must be >= 1 (got {m.num_denoise_steps})")
         p.need(m.peft.method in ("none", "lora"), f"model.peft.method: none or lora, got {m.peft.method!r}")
+        p.need(
+            m.estimate_environment_state in ESTIMATORS,
+            f"model.estimate_environment_state: one of {', '.join(ESTIMATORS)}, got {m.estimate_environment_state!r}",
+        )
         if m.peft.method != "none":
             p.need(m.peft.r >= 1, f"model.peft.r must be >= 1 (got {m.peft.r})")
             p.need(m.peft.alpha is None or m.peft.alpha >= 1, f"model.peft.alpha must be >= 1 (got {m.peft.alpha})")
@@ -209,6 +214,9 @@ class ModelConfig:
                 "base), a Hub id such as lerobot/smolvla_base, or a policy folder, not 'tiny' (random weights)",
             )
         return p
+
+
+ESTIMATORS = ("none", "tokens", "pixels")
 
 
 @dataclass
@@ -242,7 +250,7 @@ class TrainConfig:
         p.need(
             t.aux_environment_state >= 0, f"train.aux_environment_state must be >= 0 (got {t.aux_environment_state})"
         )
-        if cfg.model.estimate_environment_state:
+        if cfg.model.estimate_environment_state != "none":
             p.need(
                 t.aux_environment_state > 0,
                 "model.estimate_environment_state learns from the recording's environment state with weight "
@@ -255,10 +263,10 @@ class TrainConfig:
             )
         if t.aux_environment_state > 0:
             p.need(
-                not cfg.model.train_expert_only or cfg.model.estimate_environment_state,
+                not cfg.model.train_expert_only or cfg.model.estimate_environment_state != "none",
                 "train.aux_environment_state trains the VLM layers to locate the cube: set model.train_expert_only="
                 "false (and model.freeze_connector=true to keep data.cache=features), or let a state estimator "
-                "read the cameras (model.estimate_environment_state=true)",
+                "read the cameras (model.estimate_environment_state=pixels or tokens)",
             )
             p.need(cfg.model.peft.method == "none", "train.aux_environment_state: not with model.peft (LoRA)")
         p.need(t.progress_every_s >= 0, f"train.progress_every_s must be >= 0 seconds (got {t.progress_every_s})")

@@ -71,8 +71,10 @@ def sim_labs(cfg: ExperimentConfig) -> dict[str, tuple[Any, str]]:
     return labs | {c.name: (c, "eval_only") for c in cfg.data.eval_only if c.source == "sim"}
 
 
-def rollout_due(cfg: ExperimentConfig, server_round: int) -> bool:
-    e, last = cfg.eval, cfg.fl.num_rounds
+def rollout_due(cfg: ExperimentConfig, server_round: int, last: int | None = None) -> bool:
+    """Whether this round ends in closed loop: round 0 when asked, every eval.rollout_every rounds, and the last
+    round (`last`: the run's last, or the last a privacy budget allows)."""
+    e, last = cfg.eval, cfg.fl.num_rounds if last is None else last
     if not e.rollout_episodes:
         return False
     if server_round == 0:
@@ -80,8 +82,8 @@ def rollout_due(cfg: ExperimentConfig, server_round: int) -> bool:
     return server_round == last or bool(e.rollout_every and server_round % e.rollout_every == 0)
 
 
-def eval_due(cfg: ExperimentConfig, server_round: int) -> bool:
-    every, last = cfg.eval.every, cfg.fl.num_rounds
+def eval_due(cfg: ExperimentConfig, server_round: int, last: int | None = None) -> bool:
+    every, last = cfg.eval.every, cfg.fl.num_rounds if last is None else last
     return server_round == 0 or server_round % every == 0 or server_round == last
 
 

@@ -357,12 +357,12 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
         from zk0lib import auxiliary
 
         w, seed = cfg.train.aux_environment_state, cfg.model.init_seed
-        if cfg.model.estimate_environment_state:
+        if cfg.model.estimate_environment_state != "none":
             from lerobot.utils.constants import OBS_STATE
 
             state_size = pc.input_features[OBS_STATE].shape[0]
             if cfg.model.pretrained == TINY or auxiliary.load_estimator(policy, pc.pretrained_path, w) is None:
-                auxiliary.attach_estimator(policy, stats, w, seed, state_size)
+                auxiliary.attach_estimator(policy, stats, w, seed, state_size, cfg.model.estimate_environment_state)
         else:
             auxiliary.attach(policy, stats, w, seed)
     if cfg.model.peft.method == "lora":

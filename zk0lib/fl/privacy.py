@@ -105,6 +105,13 @@ def rounds_within(cfg: ExperimentConfig, max_epsilon: float) -> int:
     return rounds
 
 
+def last_round(cfg: ExperimentConfig) -> int:
+    """The run's last round: fl.num_rounds, or fewer when privacy.max_epsilon stops it earlier (that round is
+    then evaluated and rolled out as a last round is)."""
+    v = cfg.privacy
+    return rounds_within(cfg, v.max_epsilon) if v.on and v.max_epsilon is not None else cfg.fl.num_rounds
+
+
 def plan(cfg: ExperimentConfig) -> str:
     """One line on what privacy the run will have, for the run's log before round 1."""
     v = cfg.privacy

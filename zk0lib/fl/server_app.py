@@ -29,6 +29,7 @@ from zk0lib.fl.privacy import (
     PrivacyBudgetExhausted,
     clients_clip,
     inner_strategy,
+    last_round,
     plan,
     privacy_record,
     privacy_state,
@@ -84,6 +85,7 @@ class FederatedServer:
         self.book = RoundBook(cfg, run)
         self.resume_seconds: list[float] = []  # time to write checkpoints/resume, per round of this process
         self.stopped: dict[str, Any] | None = None  # why the run ended before its last round (privacy budget)
+        self.last_round = last_round(cfg)  # evaluated and rolled out as the last (a privacy budget may end it early)
 
     # -- the run
     def run_rounds(self) -> None:
@@ -215,7 +217,7 @@ class FederatedServer:
 
     def evaluate_on_clients(self, strategy: Any, rd: RoundData, arrays: ArrayRecord, config: ConfigRecord) -> None:
         """With eval.where=clients, the clients judge `arrays` (fp32) on their held-out episodes."""
-        if not eval_due(self.cfg, rd.server_round):
+        if not eval_due(self.cfg, rd.server_round, self.last_round):
             return
         messages = self.encode(
             strategy.configure_evaluate(rd.server_round, arrays, config, self.grid), arrays, "evaluate", rd
@@ -312,7 +314,7 @@ class FederatedServer:
         evals: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         val: dict[str, Any] = {}
-        if eval_due(cfg, server_round):
+        if eval_due(cfg, server_round, self.last_round):
             evals, extra, val = self.heldout.evaluate(self.bundle)
             if cfg.eval.where == "clients":
                 evals, val = rd.client_evals, rd.client_vals
@@ -335,7 +337,7 @@ class FederatedServer:
             record["privacy"] = rd.privacy
             self.run.update_summary(privacy=rd.privacy)
         t_rollout = time.perf_counter()
-        if rollout_due(cfg, server_round):
+        if rollout_due(cfg, server_round, self.last_round):
             videos = self.run.path / "videos" / f"round{server_round:03d}" if cfg.eval.rollout_videos else None
             record["rollout"] = closed_loop(cfg, self.bundle, videos)
         rollout_seconds = time.perf_counter() - t_rollout

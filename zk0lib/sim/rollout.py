@@ -225,15 +225,17 @@ def aim_error(
     used), the shoulder_pan of its first action chunk against the scripted expert's, in degrees; and, as
     the bar to beat, the error of always playing the expert's mean first chunk (a policy that ignores
     the image). Only the image tells where the cube is at that moment: the state is the same home pose."""
+    from zk0lib.auxiliary import head_of
     from zk0lib.sim.env import CAMERAS, FRAMES_PER_DECISION, LabEnv
 
     policy, pre, post = bundle.policy, bundle.preprocessor, bundle.postprocessor
     policy.eval()
+    estimator = head_of(policy) if getattr(head_of(policy), "is_estimator", False) else None
     per_lab: dict[str, Any] = {}
     all_pred, all_expert = [], []
     for lab in labs:
         env = LabEnv(lab, image_size, cache_dir)
-        pred, expert = [], []
+        pred, expert, estimates, truths = [], [], [], []
         try:
             for k in range(episodes):
                 ep_seed = episode_seed(lab, seed, k, purpose=2)
@@ -243,6 +245,10 @@ def aim_error(
                 policy.reset()
                 chunk = post(policy.predict_action_chunk(batch)).float().cpu().numpy()[0]
                 pred.append(chunk[:, 0])
+                if estimator is not None:  # model.estimate_environment_state: its estimate, in metres
+                    est = estimator.captured["estimate"][0].float() * estimator.std + estimator.mean
+                    estimates.append(est.cpu().numpy())
+                    truths.append(env.environment_state())
                 targets = []
                 for frame in range(len(chunk)):
                     if frame % FRAMES_PER_DECISION == 0:
@@ -257,12 +263,19 @@ def aim_error(
             "pan_error_deg": float(np.abs(pred_a - expert_a).mean()),
             "pan_error_if_mean_deg": float(np.abs(expert_a.mean(0) - expert_a).mean()),
         }
+        if estimator is not None:
+            per_lab[lab.name] |= _estimate_errors(np.asarray(estimates), np.asarray(truths), estimator.mean)
         all_pred.append(pred_a)
         all_expert.append(expert_a)
     pred_a, expert_a = np.concatenate(all_pred), np.concatenate(all_expert)
     last_p, last_e = pred_a[:, -1], expert_a[:, -1]
     corr = float(np.corrcoef(last_p, last_e)[0, 1]) if last_p.std() > 0 and last_e.std() > 0 else float("nan")
-    return {
+    means = {
+        key: float(np.mean([v[key] for v in per_lab.values()]))
+        for key in ("cube_error_cm", "cube_error_if_mean_cm", "target_error_cm", "target_error_if_mean_cm")
+        if estimator is not None
+    }
+    return means | {
         "episodes": int(len(pred_a)),
         "pan_error_deg": float(np.mean([v["pan_error_deg"] for v in per_lab.values()])),
         "pan_error_if_mean_deg": float(np.mean([v["pan_error_if_mean_deg"] for v in per_lab.values()])),
@@ -271,4 +284,21 @@ def aim_error(
         "pan_spread_deg": float(last_p.std()),
         "expert_pan_spread_deg": float(last_e.std()),
         "labs": per_lab,
+    }
+
+
+def _estimate_errors(estimates: np.ndarray, truths: np.ndarray, mean: torch.Tensor) -> dict[str, float]:
+    """A state estimator's errors on the table (x, y), cube and target, in cm, and the errors of guessing the
+    training mean (the bar an estimator that ignores the image meets)."""
+    guess = mean.cpu().numpy()
+
+    def cm(a: np.ndarray, b: np.ndarray, part: slice) -> float:
+        return float(np.linalg.norm((a[..., part] - b[..., part])[..., :2], axis=-1).mean() * 100)
+
+    cube, target = slice(0, 3), slice(3, 6)
+    return {
+        "cube_error_cm": cm(estimates, truths, cube),
+        "cube_error_if_mean_cm": cm(np.broadcast_to(guess, truths.shape), truths, cube),
+        "target_error_cm": cm(estimates, truths, target),
+        "target_error_if_mean_cm": cm(np.broadcast_to(guess, truths.shape), truths, target),
     }
