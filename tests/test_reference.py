@@ -267,3 +267,11 @@ def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(reco
     with torch.no_grad():
         action = loaded.policy.select_action(pixels)  # from the cameras, through the reloaded estimator
     assert action.shape[0] == 2 and twin.captured["estimate"].shape == (2, 6)
+    if kind == "pixels":  # `zk0 sim aim` reports how far the estimate is from the lab's true positions
+        from zk0lib.sim.labs import get_lab
+        from zk0lib.sim.rollout import aim_error
+
+        aim = aim_error(loaded, [get_lab("lab-red")], 2, image_size=32)
+        red = aim["labs"]["lab-red"]
+        assert 0 < red["cube_error_cm"] < 100 and 0 < red["cube_error_if_mean_cm"] < 100
+        assert aim["cube_error_cm"] == red["cube_error_cm"] and aim["target_error_cm"] > 0

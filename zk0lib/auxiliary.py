@@ -12,12 +12,14 @@ the head is dropped from saved policies. It trains the VLM layers (model.train_e
 the action expert reads at every layer.
 
 `model.estimate_environment_state` is the other way to use the same target: a state estimator that is part
-of the policy. It reads each camera's image tokens (the frozen vision path's output, so `data.cache=features`
-serves it) with a spatial softmax, the keypoint readout of visuomotor policy learning (per learned channel,
-the expected grid position of where it fires), and an MLP turns the keypoints into the cube's and target's
-positions. Its estimate (detached: only the estimator's own loss trains it) fills the state slots that
-rung 1 filled with the recorded positions, so the action expert reads it as it read the answer. At
-inference the policy still sees only the cameras and the joints; the estimator is saved with it.
+of the policy. A spatial softmax, the keypoint readout of visuomotor policy learning (per learned channel,
+the expected position on the map where it fires), reads either each camera's image tokens (`tokens`: the
+frozen vision path's output, so `data.cache=features` serves it; 4x4 tokens per camera in the tiny model)
+or the frames through the estimator's own small CNN (`pixels`: finer, what rung 2 needed), and an MLP turns
+the keypoints into the cube's and target's positions. Its estimate (detached: only the estimator's own loss
+trains it) fills the state slots that rung 1 filled with the recorded positions, so the action expert reads
+it as it read the answer. At inference the policy still sees only the cameras and the joints; the estimator
+is saved beside the policy and reattached when it is loaded.
 """
 
 from __future__ import annotations
@@ -71,34 +73,57 @@ class EnvironmentStateHead(nn.Module):
         return nn.functional.mse_loss(predicted, (target.float().to(predicted.device) - self.mean) / self.std)
 
 
-class StateEstimator(nn.Module):
-    """Camera tokens -> normalized cube and target positions: per camera, a spatial softmax over its token grid
-    (LayerNorm, a linear map to `keypoints` channels, softmax over the grid, each channel's expected x and y),
-    then an MLP over every camera's keypoints."""
+def spatial_softmax(maps: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) -> (B, K, 2): each channel's expected (row, column) in [-1, 1] under its softmax over the map."""
+    b, k, h, w = maps.shape
+    fire = maps.float().reshape(b, k, h * w).softmax(dim=-1).reshape(b, k, h, w)
+    rows = torch.linspace(-1.0, 1.0, h, device=maps.device)
+    cols = torch.linspace(-1.0, 1.0, w, device=maps.device)
+    return torch.stack([(fire.sum(dim=3) * rows).sum(dim=2), (fire.sum(dim=2) * cols).sum(dim=2)], dim=-1)
+
+
+class _Estimator(nn.Module):
+    """What both estimators share: the MLP from every camera's keypoints to the normalized positions, the
+    positions' stats, the last estimate (for its loss) and the description saved beside the policy."""
 
     is_estimator = True
+
+    def __init__(self, kind: str, shape: dict[str, int], mean: Any, std: Any):
+        super().__init__()
+        self.kind, self.shape = kind, shape
+        self.register_buffer("mean", torch.as_tensor(mean).float().flatten(), persistent=False)
+        self.register_buffer("std", torch.as_tensor(std).float().flatten().clamp_min(1e-6), persistent=False)
+        self.captured: dict[str, Any] = {}
+
+    def _add_mlp(self) -> None:
+        """The MLP, made after the readout's own layers (the seeded initialization's order)."""
+        s, hidden = self.shape, self.shape["hidden"]
+        self.mlp = nn.Sequential(
+            nn.Linear(s["cameras"] * s["keypoints"] * 2, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(hidden, self.mean.numel()),
+        )  # fmt: skip
+
+    def predicted(self) -> torch.Tensor:
+        return self.captured["estimate"]
+
+    loss = EnvironmentStateHead.loss
+
+
+class StateEstimator(_Estimator):
+    """Camera tokens -> normalized cube and target positions: per camera, a spatial softmax over its token grid
+    (LayerNorm, a linear map to `keypoints` channels), then the MLP over every camera's keypoints."""
 
     def __init__(
         self, width: int, cameras: int, tokens: int, mean: Any, std: Any, keypoints: int = 32, hidden: int = 256
     ):
-        super().__init__()
-        side = math.isqrt(tokens)
-        if side * side != tokens:
+        shape = {"width": width, "cameras": cameras, "tokens": tokens, "keypoints": keypoints, "hidden": hidden}
+        super().__init__("tokens", shape, mean, std)
+        self.side = math.isqrt(tokens)
+        if self.side * self.side != tokens:
             raise ValueError(f"model.estimate_environment_state: {tokens} tokens per camera do not form a square grid")
-        self.shape = {"width": width, "cameras": cameras, "tokens": tokens, "keypoints": keypoints, "hidden": hidden}
-        self.kind = "tokens"
         self.norm = nn.LayerNorm(width)
         self.channels = nn.Linear(width, keypoints)
-        self.mlp = nn.Sequential(
-            nn.Linear(cameras * keypoints * 2, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-            nn.Linear(hidden, len(mean)),
-        )  # fmt: skip
-        axis = torch.linspace(-1.0, 1.0, side)
-        grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), dim=-1).reshape(tokens, 2)  # (row, column)
-        self.register_buffer("grid", grid, persistent=False)
-        self.register_buffer("mean", torch.as_tensor(mean).float().flatten(), persistent=False)
-        self.register_buffer("std", torch.as_tensor(std).float().flatten().clamp_min(1e-6), persistent=False)
-        self.captured: dict[str, torch.Tensor] = {}
+        self._add_mlp()
 
     def estimate(self, image_tokens: torch.Tensor, pixels: list[torch.Tensor] | None) -> torch.Tensor:
         return self(image_tokens)
@@ -111,37 +136,20 @@ class StateEstimator(nn.Module):
                 f"model.estimate_environment_state: the prefix has {image_tokens.shape[1]} image tokens, the "
                 f"estimator was built for {c} cameras of {t}"
             )
-        fire = self.channels(self.norm(image_tokens.float())).reshape(b, c, t, -1).softmax(dim=2)
-        points = torch.einsum("bctk,td->bckd", fire, self.grid)
-        return self.mlp(points.reshape(b, -1))
-
-    def predicted(self) -> torch.Tensor:
-        return self.captured["estimate"]
-
-    loss = EnvironmentStateHead.loss
+        maps = self.channels(self.norm(image_tokens.float())).reshape(b * c, self.side, self.side, -1)
+        return self.mlp(spatial_softmax(maps.permute(0, 3, 1, 2)).reshape(b, -1))
 
 
-def spatial_softmax(maps: torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) -> (B, K, 2): each channel's expected (row, column) in [-1, 1] under its softmax over the map."""
-    b, k, h, w = maps.shape
-    fire = maps.float().reshape(b, k, h * w).softmax(dim=-1).reshape(b, k, h, w)
-    rows = torch.linspace(-1.0, 1.0, h, device=maps.device)
-    cols = torch.linspace(-1.0, 1.0, w, device=maps.device)
-    return torch.stack([(fire.sum(dim=3) * rows).sum(dim=2), (fire.sum(dim=2) * cols).sum(dim=2)], dim=-1)
-
-
-class PixelStateEstimator(nn.Module):
+class PixelStateEstimator(_Estimator):
     """Camera frames -> normalized cube and target positions: per camera, its own small CNN on the frame at
-    `size` x `size` (two 5x5/3x3 convolutions, the first of stride 2, then a 1x1 to `keypoints` maps) and a
-    spatial softmax over its map; an MLP over every camera's keypoints. It sees the pixels, so it can place
-    the cube finer than the vision encoder's token grid."""
-
-    is_estimator = True
+    `size` x `size` (a 5x5 convolution of stride 2, a 3x3, then a 1x1 to `keypoints` maps) and a spatial
+    softmax over its maps; the MLP over every camera's keypoints. It sees the pixels, so it can place the
+    cube finer than the vision encoder's token grid."""
 
     def __init__(self, cameras: int, mean: Any, std: Any, size: int = 64, keypoints: int = 16, hidden: int = 256):
-        super().__init__()
-        self.shape = {"cameras": cameras, "size": size, "keypoints": keypoints, "hidden": hidden}
-        self.kind = "pixels"
+        super().__init__(
+            "pixels", {"cameras": cameras, "size": size, "keypoints": keypoints, "hidden": hidden}, mean, std
+        )
         self.convs = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.GELU(), nn.Conv2d(16, 32, 3, padding=1), nn.GELU(),
@@ -149,13 +157,7 @@ class PixelStateEstimator(nn.Module):
             )
             for _ in range(cameras)
         )  # fmt: skip
-        self.mlp = nn.Sequential(
-            nn.Linear(cameras * keypoints * 2, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-            nn.Linear(hidden, len(mean)),
-        )  # fmt: skip
-        self.register_buffer("mean", torch.as_tensor(mean).float().flatten(), persistent=False)
-        self.register_buffer("std", torch.as_tensor(std).float().flatten().clamp_min(1e-6), persistent=False)
-        self.captured: dict[str, Any] = {}
+        self._add_mlp()
 
     def estimate(self, image_tokens: torch.Tensor, pixels: list[torch.Tensor] | None) -> torch.Tensor:
         if pixels is None:
@@ -177,11 +179,6 @@ class PixelStateEstimator(nn.Module):
             for conv, img in zip(self.convs, pixels, strict=True)
         ]
         return self.mlp(torch.cat([q.flatten(1) for q in points], dim=1))
-
-    def predicted(self) -> torch.Tensor:
-        return self.captured["estimate"]
-
-    loss = EnvironmentStateHead.loss
 
 
 def attach(policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: int) -> EnvironmentStateHead:
