@@ -90,6 +90,21 @@ def test_calibration_table_of_a_lab_with_the_expert_and_hold_still(recording, tm
     assert "head must be one of mse, flow" in capsys.readouterr().err
 
 
+def _aux_steps(policy, batch, optimizer, steps: int) -> list[float]:
+    """`steps` optimizer steps on the auxiliary loss alone; its value at each."""
+    from zk0lib import auxiliary
+
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        policy.forward(batch)
+        aux = auxiliary.aux_loss(policy, batch)
+        aux.backward()
+        optimizer.step()
+        losses.append(float(aux.detach()))
+    return losses
+
+
 def test_the_aux_head_trains_the_vlm_layers_to_locate_the_cube_and_is_not_saved(recording, tmp_path):
     """train.aux_environment_state (rung 2): a head on the VLM's prefix output predicts the recording's
     environment state; its loss reaches the trainable VLM layers (not the frozen connector), a few steps
@@ -139,14 +154,7 @@ def test_the_aux_head_trains_the_vlm_layers_to_locate_the_cube_and_is_not_saved(
     layer = dict(vlm.text_model.named_parameters())["layers.0.self_attn.q_proj.weight"]
     assert layer.grad is not None and float(layer.grad.abs().sum()) > 0  # it reaches the VLM layers
     assert all(q.grad is None for q in vlm.connector.parameters())  # and not the frozen vision path
-    losses = []
-    for _ in range(25):
-        optimizer.zero_grad()
-        policy.forward(batch)
-        aux = auxiliary.aux_loss(policy, batch)
-        aux.backward()
-        optimizer.step()
-        losses.append(float(aux.detach()))
+    losses = _aux_steps(policy, batch, optimizer, 25)
     assert losses[-1] < 0.75 * losses[0], losses  # it learns (32-pixel frames here, 25 steps)
     optimizer.zero_grad()
     loss, _ = train.fedprox_backward(policy, batch, [p.detach().clone() for p in params], 0.0)
@@ -235,14 +243,7 @@ def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(reco
     policy.zero_grad()
     params = [p for _, p in model.trainable_parameters(policy)]
     optimizer = torch.optim.AdamW(list(head.parameters()), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        optimizer.zero_grad()
-        policy.forward(batch)
-        aux = auxiliary.aux_loss(policy, batch)
-        aux.backward()
-        optimizer.step()
-        losses.append(float(aux.detach()))
+    losses = _aux_steps(policy, batch, optimizer, 30)
     assert losses[-1] < 0.5 * losses[0], losses  # it learns (32-pixel frames here, 30 steps)
     policy.zero_grad()
     loss, _ = train.fedprox_backward(policy, batch, [p.detach().clone() for p in params], 0.0)
@@ -253,6 +254,9 @@ def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(reco
     loaded = model.load_policy(tmp_path / "saved")
     twin = auxiliary.head_of(loaded.policy)
     assert type(twin) is type(head) and twin.kind == kind
+    other = "pixels" if kind == "tokens" else "tokens"  # going on from it as the other kind is refused
+    with pytest.raises(ValueError, match=f"holds a '{kind}' estimator"):
+        auxiliary.load_estimator(loaded.policy, tmp_path / "saved", kind=other)
     head.eval()
     if kind == "tokens":
         tokens = torch.randn(3, head.shape["cameras"] * head.shape["tokens"], head.shape["width"])

@@ -38,17 +38,40 @@ HEAD = "zk0_aux_head"  # the head's attribute on the policy (its parameters trai
 ESTIMATOR_FILE = "zk0_state_estimator"  # .json (its shape and stats) and .safetensors, beside a saved policy
 
 
-class EnvironmentStateHead(nn.Module):
+class _PositionsHead(nn.Module):
+    """What every head that predicts the normalized cube and target positions has: the positions' stats, what
+    the last forward left for its loss (`captured`), and the loss."""
+
+    def __init__(self, mean: Any, std: Any):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean).float().flatten(), persistent=False)
+        self.register_buffer("std", torch.as_tensor(std).float().flatten().clamp_min(1e-6), persistent=False)
+        self.captured: dict[str, Any] = {}
+
+    def predicted(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, target: torch.Tensor) -> torch.Tensor:
+        """MSE of the normalized positions the last forward predicted (the batch's positions at the current
+        frame: lerobot gives observations a time axis of n_obs_steps)."""
+        predicted = self.predicted()
+        if target.dim() == 3:
+            target = target[:, -1]
+        if target.shape != predicted.shape:
+            raise ValueError(
+                f"{OBS_ENV_STATE}: shape {tuple(target.shape)}, the head predicts {tuple(predicted.shape)}"
+            )
+        return nn.functional.mse_loss(predicted, (target.float().to(predicted.device) - self.mean) / self.std)
+
+
+class EnvironmentStateHead(_PositionsHead):
     """Attention pooling over the prefix output (one learned query), then a two-layer MLP to the positions."""
 
     def __init__(self, width: int, mean: torch.Tensor, std: torch.Tensor, hidden: int = 128):
-        super().__init__()
+        super().__init__(mean, std)
         self.query = nn.Parameter(torch.randn(width) / math.sqrt(width))
         self.key = nn.Linear(width, width, bias=False)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, mean.numel()))
-        self.register_buffer("mean", mean.float().flatten(), persistent=False)
-        self.register_buffer("std", std.float().flatten().clamp_min(1e-6), persistent=False)
-        self.captured: dict[str, torch.Tensor] = {}
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         tokens = tokens.float()
@@ -60,40 +83,30 @@ class EnvironmentStateHead(nn.Module):
     def predicted(self) -> torch.Tensor:
         return self(self.captured["prefix"], self.captured["mask"])
 
-    def loss(self, target: torch.Tensor) -> torch.Tensor:
-        """MSE of the normalized positions predicted from the prefix the last forward computed (the batch's
-        positions at the current frame: lerobot gives observations a time axis of n_obs_steps)."""
-        predicted = self.predicted()
-        if target.dim() == 3:
-            target = target[:, -1]
-        if target.shape != predicted.shape:
-            raise ValueError(
-                f"{OBS_ENV_STATE}: shape {tuple(target.shape)}, the head predicts {tuple(predicted.shape)}"
-            )
-        return nn.functional.mse_loss(predicted, (target.float().to(predicted.device) - self.mean) / self.std)
+
+class _Keypoints(nn.Module):
+    """(B, K, H, W) maps -> (B, K, 2): lerobot's SpatialSoftmax (each channel's expected position under its
+    softmax over the map), as (row, column), the order the estimators were trained with."""
+
+    def __init__(self, keypoints: int, height: int, width: int):
+        super().__init__()
+        from lerobot.policies.diffusion.modeling_diffusion import SpatialSoftmax
+
+        self.softmax = SpatialSoftmax((keypoints, height, width))
+        # its coordinate grid follows from the map's size: not saved with the estimator's weights
+        self.softmax.register_buffer("pos_grid", self.softmax.pos_grid, persistent=False)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.softmax(maps.float()).flip(-1)  # lerobot gives (x, y): (column, row)
 
 
-def spatial_softmax(maps: torch.Tensor) -> torch.Tensor:
-    """(B, K, H, W) -> (B, K, 2): each channel's expected (row, column) in [-1, 1] under its softmax over the map."""
-    b, k, h, w = maps.shape
-    fire = maps.float().reshape(b, k, h * w).softmax(dim=-1).reshape(b, k, h, w)
-    rows = torch.linspace(-1.0, 1.0, h, device=maps.device)
-    cols = torch.linspace(-1.0, 1.0, w, device=maps.device)
-    return torch.stack([(fire.sum(dim=3) * rows).sum(dim=2), (fire.sum(dim=2) * cols).sum(dim=2)], dim=-1)
-
-
-class _Estimator(nn.Module):
-    """What both estimators share: the MLP from every camera's keypoints to the normalized positions, the
-    positions' stats, the last estimate (for its loss) and the description saved beside the policy."""
-
-    is_estimator = True
+class _Estimator(_PositionsHead):
+    """What both estimators share: the MLP from every camera's keypoints to the normalized positions and the
+    description saved beside the policy."""
 
     def __init__(self, kind: str, shape: dict[str, int], mean: Any, std: Any):
-        super().__init__()
+        super().__init__(mean, std)
         self.kind, self.shape = kind, shape
-        self.register_buffer("mean", torch.as_tensor(mean).float().flatten(), persistent=False)
-        self.register_buffer("std", torch.as_tensor(std).float().flatten().clamp_min(1e-6), persistent=False)
-        self.captured: dict[str, Any] = {}
 
     def _add_mlp(self) -> None:
         """The MLP, made after the readout's own layers (the seeded initialization's order)."""
@@ -105,8 +118,6 @@ class _Estimator(nn.Module):
 
     def predicted(self) -> torch.Tensor:
         return self.captured["estimate"]
-
-    loss = EnvironmentStateHead.loss
 
 
 class StateEstimator(_Estimator):
@@ -124,6 +135,7 @@ class StateEstimator(_Estimator):
         self.norm = nn.LayerNorm(width)
         self.channels = nn.Linear(width, keypoints)
         self._add_mlp()
+        self.keypoints = _Keypoints(keypoints, self.side, self.side)
 
     def estimate(self, image_tokens: torch.Tensor, pixels: list[torch.Tensor] | None) -> torch.Tensor:
         return self(image_tokens)
@@ -137,7 +149,7 @@ class StateEstimator(_Estimator):
                 f"estimator was built for {c} cameras of {t}"
             )
         maps = self.channels(self.norm(image_tokens.float())).reshape(b * c, self.side, self.side, -1)
-        return self.mlp(spatial_softmax(maps.permute(0, 3, 1, 2)).reshape(b, -1))
+        return self.mlp(self.keypoints(maps.permute(0, 3, 1, 2)).reshape(b, -1))
 
 
 class PixelStateEstimator(_Estimator):
@@ -158,6 +170,7 @@ class PixelStateEstimator(_Estimator):
             for _ in range(cameras)
         )  # fmt: skip
         self._add_mlp()
+        self.keypoints = _Keypoints(keypoints, size // 2, size // 2)  # the first convolution's stride halves it
 
     def estimate(self, image_tokens: torch.Tensor, pixels: list[torch.Tensor] | None) -> torch.Tensor:
         if pixels is None:
@@ -175,7 +188,7 @@ class PixelStateEstimator(_Estimator):
             )
         size = self.shape["size"]
         points = [
-            spatial_softmax(conv(nn.functional.interpolate(img.float(), size=(size, size), mode="area")))
+            self.keypoints(conv(nn.functional.interpolate(img.float(), size=(size, size), mode="area")))
             for conv, img in zip(self.convs, pixels, strict=True)
         ]
         return self.mlp(torch.cat([q.flatten(1) for q in points], dim=1))
@@ -231,7 +244,7 @@ def attach_estimator(
             head: Any = PixelStateEstimator(cameras, s["mean"], s["std"])
         else:
             width = inner.vlm_with_expert.config.text_config.hidden_size
-            head = StateEstimator(width, cameras, _tokens_per_camera(policy), s["mean"], s["std"])
+            head = StateEstimator(width, cameras, _tokens_per_camera(inner.vlm_with_expert.config), s["mean"], s["std"])
     return _attach_estimator(policy, head, weight, state_size)
 
 
@@ -268,13 +281,13 @@ def _attach_estimator(policy: Any, head: Any, weight: float, state_size: int) ->
 
     inner.embed_prefix = embed_prefix
     if head.kind == "pixels":
-        forward = policy.forward
+        from zk0lib.cache import embedding_key
+
+        forward, keys = policy.forward, list(policy.config.image_features)
+        embedded = [embedding_key(k) for k in keys]
 
         def forward_keeping_frames(batch: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            from zk0lib.cache import embedding_key
-
-            keys = list(policy.config.image_features)
-            if all(k in batch for k in keys) and any(embedding_key(k) in batch for k in keys):
+            if all(k in batch for k in keys) and any(k in batch for k in embedded):
                 head.captured["pixels"] = type(policy).prepare_images(policy, batch)[0]  # lerobot's own preparation
             return forward(batch, *args, **kwargs)
 
@@ -283,19 +296,24 @@ def _attach_estimator(policy: Any, head: Any, weight: float, state_size: int) ->
     return head
 
 
+def estimator_of(policy: Any) -> StateEstimator | PixelStateEstimator | None:
+    """The policy's state estimator (model.estimate_environment_state), or None."""
+    head = head_of(policy)
+    return head if isinstance(head, _Estimator) else None
+
+
 def needs_frames(policy: Any) -> bool:
     """Whether the policy's estimator reads the camera frames (so cached-feature items must keep them)."""
-    return getattr(head_of(policy), "kind", None) == "pixels"
+    estimator = estimator_of(policy)
+    return estimator is not None and estimator.kind == "pixels"
 
 
-def _tokens_per_camera(policy: Any) -> int:
-    """Image tokens per camera, measured by embedding one blank frame of the policy's input size."""
-    inner = policy.model
-    size = policy.config.resize_imgs_with_padding or next(iter(policy.config.image_features.values())).shape[1:]
-    param = next(inner.parameters())
-    with torch.no_grad():
-        blank = torch.zeros(1, 3, *size, device=param.device, dtype=param.dtype)
-        return int(inner.vlm_with_expert.embed_image(blank).shape[1])
+def _tokens_per_camera(vlm_config: Any) -> int:
+    """Image tokens per camera: the vision encoder's patches, merged by the connector's pixel shuffle."""
+    from zk0lib.model import image_tokens
+
+    vision = vlm_config.vision_config
+    return image_tokens(vision.image_size, vision.patch_size, vlm_config.scale_factor)
 
 
 def save_estimator(policy: Any, folder: Any) -> None:
@@ -304,8 +322,8 @@ def save_estimator(policy: Any, folder: Any) -> None:
 
     from safetensors.torch import save_file
 
-    head = head_of(policy)
-    if head is None or not getattr(head, "is_estimator", False):
+    head = estimator_of(policy)
+    if head is None:
         return
     folder = Path(folder)
     spec = {
@@ -322,8 +340,8 @@ def save_estimator(policy: Any, folder: Any) -> None:
     )
 
 
-def load_estimator(policy: Any, folder: Any, weight: float = 0.0) -> Any:
-    """Reattach a saved policy's estimator (None when the folder has none)."""
+def load_estimator(policy: Any, folder: Any, weight: float = 0.0, kind: str | None = None) -> Any:
+    """Reattach a saved policy's estimator (None when the folder has none); `kind`: the one the config asks for."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -332,8 +350,13 @@ def load_estimator(policy: Any, folder: Any, weight: float = 0.0) -> Any:
     if not spec_path.exists():
         return None
     spec = json.loads(spec_path.read_text())
-    state_size, kind = spec.pop("state_size"), spec.pop("kind", "tokens")
-    head = PixelStateEstimator(**spec) if kind == "pixels" else StateEstimator(**spec)
+    state_size, saved = spec.pop("state_size"), spec.pop("kind", "tokens")  # the first estimators were tokens
+    if kind is not None and kind != saved:
+        raise ValueError(
+            f"model.estimate_environment_state={kind}, but {folder} holds a '{saved}' estimator: set "
+            f"model.estimate_environment_state={saved} to go on training it"
+        )
+    head = PixelStateEstimator(**spec) if saved == "pixels" else StateEstimator(**spec)
     head.load_state_dict(load_file(Path(folder) / f"{ESTIMATOR_FILE}.safetensors"))
     return _attach_estimator(policy, head, weight, state_size)
 

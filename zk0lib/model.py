@@ -54,6 +54,11 @@ class ModelNotAvailableError(RuntimeError):
 # ----------------------------------------------------------------------------- tiny VLM
 
 
+def image_tokens(image_size: int, patch_size: int, scale_factor: int) -> int:
+    """Tokens SmolVLM gives one image: its patches, merged scale_factor x scale_factor by the connector."""
+    return (image_size // patch_size) ** 2 // scale_factor**2
+
+
 def _write_vlm_folder(dest: Path, text: dict[str, Any], vision: dict[str, Any], scale_factor: int) -> None:
     """A SmolVLM config + byte-level BPE tokenizer + processor, all made locally."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -90,7 +95,7 @@ def _write_vlm_folder(dest: Path, text: dict[str, Any], vision: dict[str, Any], 
         vocab_size=text["vocab_size"],
     )
     size = {"longest_edge": vision["image_size"]}
-    seq_len = (vision["image_size"] // vision["patch_size"]) ** 2 // scale_factor**2
+    seq_len = image_tokens(vision["image_size"], vision["patch_size"], scale_factor)
     processor = SmolVLMProcessor(
         image_processor=SmolVLMImageProcessor(size=size, max_image_size=size, do_image_splitting=False),
         tokenizer=tokenizer,
@@ -361,8 +366,9 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
             from lerobot.utils.constants import OBS_STATE
 
             state_size = pc.input_features[OBS_STATE].shape[0]
-            if cfg.model.pretrained == TINY or auxiliary.load_estimator(policy, pc.pretrained_path, w) is None:
-                auxiliary.attach_estimator(policy, stats, w, seed, state_size, cfg.model.estimate_environment_state)
+            kind = cfg.model.estimate_environment_state
+            if cfg.model.pretrained == TINY or auxiliary.load_estimator(policy, pc.pretrained_path, w, kind) is None:
+                auxiliary.attach_estimator(policy, stats, w, seed, state_size, kind)
         else:
             auxiliary.attach(policy, stats, w, seed)
     if cfg.model.peft.method == "lora":

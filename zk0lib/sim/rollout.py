@@ -225,12 +225,12 @@ def aim_error(
     used), the shoulder_pan of its first action chunk against the scripted expert's, in degrees; and, as
     the bar to beat, the error of always playing the expert's mean first chunk (a policy that ignores
     the image). Only the image tells where the cube is at that moment: the state is the same home pose."""
-    from zk0lib.auxiliary import head_of
+    from zk0lib.auxiliary import estimator_of
     from zk0lib.sim.env import CAMERAS, FRAMES_PER_DECISION, LabEnv
 
     policy, pre, post = bundle.policy, bundle.preprocessor, bundle.postprocessor
     policy.eval()
-    estimator = head_of(policy) if getattr(head_of(policy), "is_estimator", False) else None
+    estimator = estimator_of(policy)
     per_lab: dict[str, Any] = {}
     all_pred, all_expert = [], []
     for lab in labs:
@@ -270,11 +270,8 @@ def aim_error(
     pred_a, expert_a = np.concatenate(all_pred), np.concatenate(all_expert)
     last_p, last_e = pred_a[:, -1], expert_a[:, -1]
     corr = float(np.corrcoef(last_p, last_e)[0, 1]) if last_p.std() > 0 and last_e.std() > 0 else float("nan")
-    means = {
-        key: float(np.mean([v[key] for v in per_lab.values()]))
-        for key in ("cube_error_cm", "cube_error_if_mean_cm", "target_error_cm", "target_error_if_mean_cm")
-        if estimator is not None
-    }
+    keys = ("cube_error_cm", "cube_error_if_mean_cm", "target_error_cm", "target_error_if_mean_cm")
+    means = {k: float(np.mean([v[k] for v in per_lab.values()])) for k in keys} if estimator is not None else {}
     return means | {
         "episodes": int(len(pred_a)),
         "pan_error_deg": float(np.mean([v["pan_error_deg"] for v in per_lab.values()])),
