@@ -65,7 +65,7 @@ def clients(smoke_cfg):
 
 @pytest.fixture(scope="session")
 def stats(clients):
-    return data.pooled_stats([c.meta for c in clients])
+    return data.pooled_train_stats(clients)
 
 
 @pytest.fixture

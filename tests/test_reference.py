@@ -130,7 +130,7 @@ def test_the_aux_head_trains_the_vlm_layers_to_locate_the_cube_and_is_not_saved(
     )
     cfg.data.clients = [ClientConfig("lab-red", source="sim", lab="lab-red")]  # the fixture's recording
     client = data.open_client(cfg, 0)
-    stats = data.pooled_stats([client.meta])
+    stats = data.pooled_train_stats([client])
     bundle = model.build_policy(cfg, client.meta, stats)
     policy, head = bundle.policy, auxiliary.head_of(bundle.policy)
     names = [n for n, _ in model.trainable_parameters(policy)]
@@ -203,7 +203,7 @@ def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(reco
     )  # the expert alone trains, beside the estimator
     cfg.data.clients = [ClientConfig("lab-red", source="sim", lab="lab-red")]  # the fixture's recording
     client = data.open_client(cfg, 0)
-    stats = data.pooled_stats([client.meta])
+    stats = data.pooled_train_stats([client])
     bundle = model.build_policy(cfg, client.meta, stats)
     policy, head = bundle.policy, auxiliary.head_of(bundle.policy)
     assert head.kind == kind and head.state_size == 6

@@ -272,3 +272,38 @@ def test_loader_workers_do_not_share_the_parents_open_video_files(train_set, tor
     seen = [int(b) for b in loader]
     assert seen[0] == 0  # the worker's first read found no inherited decoder
     assert seen[1] >= 1  # and its own cache serves the next one
+
+
+def test_normalization_comes_from_the_training_episodes_only(clients, tmp_path):
+    """The pooled stats are lerobot's merge of the training episodes' own stats: they equal the moments of
+    the training frames, not of every frame (stats.json's), and a dataset without per-episode stats is refused."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from lerobot.datasets.utils import EPISODES_DIR
+
+    client = clients[0]
+    assert client.heldout_episodes and client.train_episodes
+    frames = pd.concat(pd.read_parquet(f) for f in sorted((client.root / "data").glob("*/*.parquet")))
+    train = np.stack(frames[frames.episode_index.isin(client.train_episodes)]["action"].to_numpy())
+    every = np.stack(frames["action"].to_numpy())
+    stats = data.train_stats(client)
+    np.testing.assert_allclose(stats["action"]["mean"], train.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(stats["action"]["std"], train.std(0), rtol=1e-4, atol=1e-5)
+    assert int(stats["action"]["count"][0]) == len(train) < len(every)
+    assert not np.allclose(stats["action"]["mean"], every.mean(0), atol=1e-4)  # held-out frames would move it
+    np.testing.assert_allclose(client.meta.stats["action"]["mean"], every.mean(0), rtol=1e-5, atol=1e-5)
+    for camera in client.meta.camera_keys:  # image stats in the shapes lerobot's normalizer reads
+        assert stats[camera]["mean"].shape == client.meta.stats[camera]["mean"].shape == (3, 1, 1)
+    pooled = data.pooled_train_stats(clients)
+    assert int(pooled["action"]["count"][0]) == sum(c.train_frames for c in clients)
+
+    # a dataset whose meta/episodes has no stats columns: refused by name, with the fix
+    path = next((client.root / EPISODES_DIR).glob("*/*.parquet"))
+    table = pq.read_table(path)
+    target = tmp_path / EPISODES_DIR / path.parent.name / path.name
+    target.parent.mkdir(parents=True)
+    pq.write_table(table.select([c for c in table.column_names if not c.startswith("stats/")]), target)
+    stripped = type("Meta", (), {"root": tmp_path, "repo_id": client.repo_id})()
+    with pytest.raises(data.MissingEpisodeStatsError, match=f"{client.name}.*no per-episode stats"):
+        data.episode_stats(stripped, client.train_episodes, client.name)

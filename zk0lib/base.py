@@ -336,7 +336,7 @@ def make_base(
         parts.discard()
     saved = parts.load()
     cfg = experiment_config(spec, cache_dir)
-    stats = data.pooled_stats([c.meta for c in clients])
+    stats = data.pooled_train_stats(clients)
     bundle = model.build_policy(cfg, clients[0].meta, stats)
     if saved is None:
         t = time.perf_counter()

@@ -63,7 +63,7 @@ class _Baseline:
         self.book = RoundBook(cfg, self.run, log=progress or (lambda _: None))
         t = time.perf_counter()
         self.clients = [data.open_client(cfg, i) for i in range(len(cfg.data.clients))]
-        stats = data.pooled_stats([c.meta for c in self.clients])  # the federation's normalization
+        stats = data.pooled_train_stats(self.clients)  # the federation's normalization
         self.bundle = model.build_policy(cfg, self.clients[0].meta, stats)
         build = time.perf_counter() - t
         t = time.perf_counter()

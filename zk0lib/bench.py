@@ -282,7 +282,7 @@ def bench_dataloader(
 
     prepare(cfg)
     clients = [data.open_client(cfg, i) for i in range(len(cfg.data.clients))]
-    client, stats = clients[0], data.pooled_stats([c.meta for c in clients])
+    client, stats = clients[0], data.pooled_train_stats(clients)
     bundle = model.build_policy(cfg, client.meta, stats)
     dataset = data.open_dataset(client, client.train_episodes, bundle.config, cfg.data.video_backend)
     t0 = time.perf_counter()
@@ -520,7 +520,7 @@ def bench_train(
     cfg = load_config(preset, overrides)
     prepare(cfg)
     clients = [data.open_client(cfg, i) for i in range(len(cfg.data.clients))]
-    client, stats = clients[0], data.pooled_stats([c.meta for c in clients])
+    client, stats = clients[0], data.pooled_train_stats(clients)
     result: dict[str, Any] = {
         "preset": preset,
         "client": client.name,

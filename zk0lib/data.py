@@ -1,5 +1,5 @@
 """Client datasets: one LeRobotDataset per client (Hub, local folder or synthetic), episode splits,
-the federation's pooled normalization stats, and a training stream that skips undecodable batches."""
+the federation's pooled normalization stats (from the training episodes only), and a training stream that skips undecodable batches."""
 
 from __future__ import annotations
 
@@ -91,14 +91,71 @@ def open_eval_only(cfg: ExperimentConfig, index: int) -> ClientData:
     return ClientData(index, spec.name, repo_id, root, meta, [], list(range(n)))
 
 
-def pooled_stats(metas: list[Any]) -> dict[str, dict[str, np.ndarray]]:
+def pooled_stats(stats: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, np.ndarray]]:
     """One normalization for the federation: lerobot's count-weighted merge of each client's stats.
 
-    Only aggregate statistics (mean/std/min/max/count per feature) are combined, never frames.
+    Only aggregate statistics (mean/std/min/max/quantiles/count per feature) are combined, never frames.
     """
     from lerobot.datasets.compute_stats import aggregate_stats
 
-    return aggregate_stats([m.stats for m in metas])
+    return aggregate_stats(list(stats))
+
+
+class MissingEpisodeStatsError(ValueError):
+    """A dataset's meta/episodes has no per-episode stats to normalize its training episodes with."""
+
+
+def train_stats(client: ClientData) -> dict[str, dict[str, np.ndarray]]:
+    """A client's normalization stats from its training episodes only.
+
+    lerobot writes each episode's stats beside it (the `stats/<feature>/<stat>` columns of meta/episodes)
+    and their merge over every episode as meta/stats.json. Normalizing with stats.json would let the
+    held-out episodes, which every reported number is measured on, shape the normalization; here lerobot's
+    own merge runs over the training episodes' stats instead. The dataset's bookkeeping columns (index,
+    timestamp, ...) have no per-episode stats and no policy reads them.
+    """
+    return pooled_stats(episode_stats(client.meta, client.train_episodes, client.name))
+
+
+def pooled_train_stats(clients: list[ClientData]) -> dict[str, dict[str, np.ndarray]]:
+    """The federation's normalization as centralized training and the baselines see it: every client's
+    training-episode stats, merged (what the federated server pools from the clients' replies)."""
+    return pooled_stats([train_stats(c) for c in clients])
+
+
+def episode_stats(meta: Any, episodes: list[int], name: str = "") -> list[dict[str, dict[str, np.ndarray]]]:
+    """lerobot's per-episode stats of some episodes of a dataset, in the shapes its stats merge reads
+    (images (C, 1, 1), vectors (D,), counts (1,))."""
+    import pyarrow.dataset as pa_ds
+    from lerobot.datasets.utils import EPISODES_DIR
+
+    where = Path(meta.root) / EPISODES_DIR
+    table = pa_ds.dataset(str(where), format="parquet").to_table(
+        filter=pa_ds.field("episode_index").isin([int(e) for e in episodes])
+    )
+    columns = [c for c in table.column_names if c.startswith("stats/") and c.count("/") == 2]
+    label = name or str(meta.repo_id)
+    if not columns:
+        raise MissingEpisodeStatsError(
+            f"dataset {label!r} ({where}) has no per-episode stats (stats/<feature>/<stat> columns), so its "
+            "training episodes' normalization cannot be told apart from its held-out ones'. Re-write it with "
+            "lerobot 0.4 or later (LeRobotDataset.save_episode writes them; v2.1 datasets get them from "
+            "lerobot's convert_dataset_v21_to_v30)"
+        )
+    found = set(table.column("episode_index").to_pylist())
+    if missing := sorted(set(int(e) for e in episodes) - found):
+        raise MissingEpisodeStatsError(f"dataset {label!r}: episodes {missing} have no row in {where}")
+    rows = table.select(["episode_index", *columns]).to_pylist()
+    out = []
+    for row in sorted(rows, key=lambda r: r["episode_index"]):
+        stats: dict[str, dict[str, np.ndarray]] = {}
+        for column in columns:
+            _, feature, stat = column.split("/")
+            if row[column] is not None:
+                dtype = np.int64 if stat == "count" else np.float64
+                stats.setdefault(feature, {})[stat] = np.asarray(row[column], dtype=dtype)
+        out.append(stats)
+    return out
 
 
 def open_dataset(

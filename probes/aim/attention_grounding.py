@@ -59,7 +59,7 @@ def main():
         meta = data.load_metadata(f"zk0/{lab.name}", rec.root)
         clients.append(data.ClientData(i, lab.name, f"zk0/{lab.name}", rec.root, meta, list(range(9)), [9]))
     cfg = experiment_config(spec, cache)
-    b = model.build_policy(cfg, clients[0].meta, data.pooled_stats([c.meta for c in clients]))
+    b = model.build_policy(cfg, clients[0].meta, data.pooled_train_stats(clients))
     frames = grounding_set(labs, 10, 10, cache, 128, 0, 2)
     g = pretrain_grounding(b.policy, frames, spec, print)
     print("grounding errors", g["errors"], flush=True)

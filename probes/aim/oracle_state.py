@@ -74,7 +74,7 @@ def main():
     cfg = load_config("demo", sys.argv[4:])
     cache = cfg.cache_dir
     clients = [data.open_client(cfg, i) for i in range(len(cfg.data.clients))]
-    bundle = model.build_policy(cfg, clients[0].meta, data.pooled_stats([c.meta for c in clients]))
+    bundle = model.build_policy(cfg, clients[0].meta, data.pooled_train_stats(clients))
     pc = bundle.config
 
     # per lab and episode: the start positions, from the recording's seeds

@@ -185,7 +185,7 @@ def client_describe(msg: Message, context: Context) -> Message:
         )  # server builds its policy
         local.prefetch_round(cfg, first_round)
     private = cfg.privacy.on and cfg.privacy.stats == "pretrained"  # the server uses the pretrained policy's
-    stats = ArrayRecord() if private else stats_to_record(meta.stats)
+    stats = ArrayRecord() if private else stats_to_record(data.train_stats(local.data))
     return Message(RecordDict({"info": info, "stats": stats}), reply_to=msg)
 
 

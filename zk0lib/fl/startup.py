@@ -85,7 +85,7 @@ def federation_stats(cfg: ExperimentConfig, infos: list[dict[str, Any]]) -> tupl
     """The normalization stats every client is sent, and where they come from: the clients' pooled stats, or
     under privacy.stats=pretrained the pretrained policy's own (no client's data, so no release)."""
     if not (cfg.privacy.on and cfg.privacy.stats == "pretrained"):
-        source = "clients (exact pooled stats" + (", a release outside epsilon)" if cfg.privacy.on else ")")
+        source = "clients (exact pooled stats of their training episodes" + (", a release outside epsilon)" if cfg.privacy.on else ")")
         return pooled_stats_record(infos), source
     from zk0lib import model
 
@@ -105,14 +105,7 @@ def federation_stats(cfg: ExperimentConfig, infos: list[dict[str, Any]]) -> tupl
 
 def pooled_stats_record(infos: list[dict[str, Any]]) -> ArrayRecord:
     """lerobot's count-weighted merge of the clients' stats, as the record every client is sent."""
-    return stats_to_record(data.pooled_stats([_StatsOnly(i["stats"]) for i in infos]))
-
-
-class _StatsOnly:
-    """What lerobot's stats merge reads from a dataset's metadata."""
-
-    def __init__(self, stats: dict):
-        self.stats = stats
+    return stats_to_record(data.pooled_stats([i["stats"] for i in infos]))
 
 
 def check_compatible(infos: list[dict[str, Any]], cfg: ExperimentConfig) -> None:
