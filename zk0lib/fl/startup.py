@@ -85,7 +85,9 @@ def federation_stats(cfg: ExperimentConfig, infos: list[dict[str, Any]]) -> tupl
     """The normalization stats every client is sent, and where they come from: the clients' pooled stats, or
     under privacy.stats=pretrained the pretrained policy's own (no client's data, so no release)."""
     if not (cfg.privacy.on and cfg.privacy.stats == "pretrained"):
-        source = "clients (exact pooled stats of their training episodes" + (", a release outside epsilon)" if cfg.privacy.on else ")")
+        source = "clients (exact pooled stats of their training episodes" + (
+            ", a release outside epsilon)" if cfg.privacy.on else ")"
+        )
         return pooled_stats_record(infos), source
     from zk0lib import model
 
