@@ -397,3 +397,24 @@ def test_privacy_settings_flower_cannot_account_are_refused():
     for overrides, message in refusals:
         with pytest.raises(ConfigError, match=message):
             load_config("smoke", {**base, **overrides})
+
+
+def test_a_resumed_run_normalizes_with_the_stats_it_started_with(stats):
+    """Saved when the run starts; on resume the saved stats win over what the clients pool now (their
+    datasets, or how zk0 pools them, may have changed), and the change is said."""
+    from zk0lib.fl.server_app import NORMALIZATION_FILE
+
+    cfg = _cfg(2)
+    first = _server(cfg, [11, 12])
+    started = transport.stats_to_record(stats)
+    assert first.stats_it_started_with(started) is started
+    saved = first.run.path / NORMALIZATION_FILE
+    assert transport.stats_digest(transport.record_from_bytes(saved.read_bytes())) == transport.stats_digest(started)
+
+    moved = transport.stats_to_record({k: {s: v + 1.0 for s, v in d.items()} for k, d in stats.items()})
+    lines = []
+    resumed = FederatedServer(cfg, first.run, NodeList([11, 12]), resume=True)
+    resumed.book.log = lines.append
+    kept = resumed.stats_it_started_with(moved)
+    assert transport.stats_digest(kept) == transport.stats_digest(started) != transport.stats_digest(moved)
+    assert any("differ from those this run started with" in line for line in lines)

@@ -76,7 +76,11 @@ class _Baseline:
             parameters=model.parameter_counts(self.bundle.policy),
             budget=budget(cfg),
             clients={
-                c.name: {"episodes": c.meta.total_episodes, "train-episodes": len(c.train_episodes)}
+                c.name: {
+                    "episodes": c.meta.total_episodes,
+                    "train-episodes": len(c.train_episodes),
+                    "converted-from": data.converted_from(c),
+                }
                 for c in self.clients
             },
             startup_seconds={"build_policy": build, "open_datasets": time.perf_counter() - t},

@@ -40,12 +40,29 @@ class ClientData:
         return int(sum(lengths[e] for e in self.train_episodes))
 
 
+def converted_from(client: ClientData) -> str:
+    """The v2.1 source a client's dataset was converted from ("" if it was read as it is): for run records."""
+    from zk0lib.convert import conversion_of
+
+    return str((conversion_of(client.root) or {}).get("source", ""))
+
+
 def load_metadata(repo_id: str, root: Path | None, key: str = "data.clients.N") -> Any:
     """A dataset's LeRobot metadata; `key` names the config entry in the error if it cannot be opened."""
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
+    from lerobot.datasets.utils import BackwardCompatibilityError
 
     try:
         return LeRobotDatasetMetadata(repo_id, root=root)
+    except BackwardCompatibilityError as e:  # a v2.1 dataset on the Hub: its v3.0 revision does not exist
+        from zk0lib.sources import hub_root
+
+        raise DatasetNotAvailableError(
+            f"{key}: dataset {repo_id!r} is in LeRobot's v2.1 format on the Hub, which lerobot 0.6 cannot read. "
+            "Download that revision where zk0 looks for it, and zk0 converts a copy with lerobot's converter "
+            f"on first use:\n    huggingface-cli download --repo-type dataset {repo_id} --revision v2.1 "
+            f"--local-dir {hub_root(repo_id)}"
+        ) from e
     except Exception as e:  # noqa: BLE001 - offline and missing datasets fail in many ways; explain once
         where = root if root is not None else f"$HF_LEROBOT_HOME/{repo_id}"
         raise DatasetNotAvailableError(

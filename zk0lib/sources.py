@@ -1,5 +1,6 @@
 """Where a client's dataset lives: its source (the Hub cache, a local folder, or a synthetic or simulated
-dataset recorded on first use), or the repaired copy zk0 made of it; and what identifies its content."""
+dataset recorded on first use), the v3.0 copy zk0 converted a v2.1 source into (convert.py), or the
+repaired copy zk0 made of it; and what identifies its content."""
 
 from __future__ import annotations
 
@@ -49,9 +50,18 @@ def source_location(cfg: ExperimentConfig, client: ClientConfig, progress=None) 
             d.sim_noise_deg,
         )
         return f"zk0/{client.lab}", rec.root
+    from zk0lib.convert import ensure_current
+
     if client.root is not None:
         root = Path(client.root).expanduser()
-        return client.repo_id or root.name, root if root.is_absolute() else cfg.home / root
+        root = root if root.is_absolute() else cfg.home / root
+        repo_id = client.repo_id or root.name
+        return repo_id, ensure_current(cfg.cache_dir, client.name, repo_id, root)
+    cached = hub_root(client.repo_id)  # a v2.1 snapshot already downloaded there converts like a local folder
+    if (cached / "meta" / "info.json").exists():
+        converted = ensure_current(cfg.cache_dir, client.name, client.repo_id, cached)
+        if converted != cached:
+            return client.repo_id, converted
     return client.repo_id, None
 
 

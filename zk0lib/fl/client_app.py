@@ -168,6 +168,7 @@ def client_describe(msg: Message, context: Context) -> Message:
             "validation-summary": "; ".join(f"{f.check} ep {f.episode}: {f.message}" for f in checked.errors[:3]),
             "name": local.data.name,
             "partition-id": partition_id,
+            "converted-from": data.converted_from(local.data),
             "fps": int(meta.fps),
             "frames": int(meta.total_frames),
             "episodes": int(meta.total_episodes),

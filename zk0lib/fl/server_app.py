@@ -44,14 +44,19 @@ from zk0lib.fl.transport import (
     decode_arrays,
     encode_arrays,
     payload_bytes,
+    record_from_bytes,
     record_to_bytes,
     screen_update,
+    stats_digest,
     stats_from_record,
     to_numpy_record,
 )
-from zk0lib.runs import RunRecord, load_resume_state, resume_round, save_resume_state
+from zk0lib.runs import RunRecord, atomic_write_bytes, load_resume_state, resume_round, save_resume_state
 
-_CLIENT_SUMMARY_KEYS = ("partition-id", "episodes", "frames", "train-episodes", "train-frames", "heldout-episodes")
+NORMALIZATION_FILE = "normalization_stats.npz"  # the stats record every client is sent, as the run started
+_CLIENT_SUMMARY_KEYS = (
+    "partition-id", "episodes", "frames", "train-episodes", "train-frames", "heldout-episodes", "converted-from",
+)  # fmt: skip
 
 
 @dataclass
@@ -87,6 +92,21 @@ class FederatedServer:
         self.stopped: dict[str, Any] | None = None  # why the run ended before its last round (privacy budget)
         self.last_round = last_round(cfg)  # evaluated and rolled out as the last (a privacy budget may end it early)
 
+    def stats_it_started_with(self, pooled: ArrayRecord) -> ArrayRecord:
+        """A run normalizes with one set of stats from its first round to its last: saved when it starts,
+        read back when it resumes, even if the clients' datasets (or how zk0 pools them) changed since."""
+        path = self.run.path / NORMALIZATION_FILE
+        if self.resume and path.exists():
+            saved = record_from_bytes(path.read_bytes())
+            if stats_digest(saved) != stats_digest(pooled):
+                self.book.log(
+                    f"resume: the clients' pooled stats differ from those this run started with ({path.name}); "
+                    "it keeps its own, so every round normalizes the same way"
+                )
+            return saved
+        atomic_write_bytes(path, record_to_bytes(pooled))
+        return pooled
+
     # -- the run
     def run_rounds(self) -> None:
         cfg = self.cfg
@@ -102,6 +122,7 @@ class FederatedServer:
         started["describe_clients"] = time.perf_counter() - t
         t = time.perf_counter()
         self.stats_record, stats_source = federation_stats(cfg, infos)
+        self.stats_record = self.stats_it_started_with(self.stats_record)
         stats = stats_from_record(self.stats_record)  # what clients get, to the last bit
         self.bundle = model.build_policy(cfg, federation_meta(self.run, infos, stats), stats)
         started["build_policy"] = time.perf_counter() - t
