@@ -169,6 +169,37 @@ def test_smoke_train_completes_with_complete_records(smoke_run, home):
     assert config["environment"]["packages"]["flwr"] and config["config"]["fl"]["num_rounds"] == 2
 
 
+def test_the_rehearsal_reads_its_report_from_a_runs_own_record(smoke_run, home):
+    """`zk0 rehearse`'s readiness report (bytes per message, peak RSS, time per phase, checkpoint size) from
+    the smoke run's record; its config puts the two synthetic clients on a smolvla_base-shaped policy."""
+    from zk0lib import rehearse
+    from zk0lib.launch import RunResult
+
+    run = RunRecord(home / "reports" / "runs" / "e2e-smoke")
+    report = rehearse.run_report(RunResult.of(run, 12.0), "simulation")
+    rounds = {r["round"]: r for r in run.rounds()}
+    assert report["status"] == "completed"
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for row in report["rounds"]:
+        record = rounds[row["round"]]
+        assert row["sent_mib"] == round(record["bytes_sent"] / 2**20, 1) > 0
+        assert set(row["message_mib"]) == {"synth-0", "synth-1"}
+        assert sum(m["payload-bytes"] for m in record["train"]["clients"].values()) == record["bytes_received"]
+        assert all(v > 100 for v in row["client_peak_rss_mib"].values()) and row["server_peak_rss_mib"] > 100
+        assert 0 < row["seconds"]["step"] <= row["seconds"]["client_steps"] <= row["seconds"]["round"]
+    assert report["final_checkpoint_mib"] > 1 and report["startup_seconds"]["build_policy"] > 0
+    text = rehearse.markdown(
+        {"pretrained": "x", "device": "cpu", "ready": True, "build": {"seconds": 0}, "runs": [report],
+         "expected_mib": {"trainable_fp32": 381.0, "trainable_bf16": 190.5}}
+    )  # fmt: skip
+    assert "| 1 |" in text and "| 2 |" in text and "simulation" in text
+
+    cfg = rehearse.rehearsal_config("/models/smolvla_base", "cpu", ["fl.num_rounds=1"])
+    assert cfg.model.pretrained == "/models/smolvla_base" and len(cfg.data.clients) == 2
+    assert cfg.fl.num_rounds == 1 and cfg.train.local_steps == 2 and cfg.train.batch_size == 2
+    assert set(cfg.data.rename_map.values()) == {"observation.images.camera1", "observation.images.camera2"}
+
+
 def test_smoke_train_changes_global_weights_only(smoke_run, home, smoke_cfg, clients, stats):
     final = model.load_policy(home / "reports" / "runs" / "e2e-smoke" / "checkpoints" / "final")
     initial = model.build_policy(smoke_cfg, clients[0].meta, stats)

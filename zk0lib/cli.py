@@ -127,6 +127,31 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     return _report(deploy_local(cfg, progress=_indented), t0, " over TLS with authenticated SuperNodes")
 
 
+def cmd_rehearse(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib import rehearse
+    from zk0lib.config import load_config as _load
+    from zk0lib.config import zk0_home
+    from zk0lib.env import quiet
+
+    quiet()
+    folder = Path(args.folder) if args.folder else _load("smoke").cache_dir / "rehearsal"
+    engines = tuple(e for e in args.engines.split(",") if e)
+    unknown = set(engines) - {"simulation", "deploy-local"}
+    if unknown:
+        raise SystemExit(f"--engines: unknown {sorted(unknown)}; choose simulation, deploy-local or both")
+    report = rehearse.rehearse(folder, args.pretrained, args.device, engines, list(args.set or []), _indented)
+    out = Path(args.out) if args.out else zk0_home() / "reports" / "rehearsal"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rehearsal.json").write_text(json.dumps(report, indent=2, default=str))
+    text = rehearse.markdown(report)
+    (out / "rehearsal.md").write_text(text)
+    print(text)
+    print(f"{out / 'rehearsal.md'}")
+    return 0 if report["ready"] else 1
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.flat:
@@ -628,6 +653,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start over, discarding this base's saved progress")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a BaseSpec field, e.g. --set action_steps=3000")
     p.set_defaults(func=cmd_base)
+
+    p = sub.add_parser(
+        "rehearse", help="the real loading path at full size (smolvla_base-shaped, offline) through both engines"
+    )
+    p.add_argument("--pretrained", help="a real policy (lerobot/smolvla_base, downloaded) instead of the stand-ins")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (a GPU machine's readiness check)")
+    p.add_argument("--engines", default="simulation,deploy-local", help="simulation, deploy-local or both")
+    p.add_argument("--folder", help="where the stand-ins are built (default: data_cache/rehearsal)")
+    p.add_argument("--out", help="report folder (default: reports/rehearsal)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a config override of the rehearsal's runs")
+    p.set_defaults(func=cmd_rehearse)
 
     p = sub.add_parser("model-info", help="parameter counts and bytes per round of smolvla_base (built offline)")
     p.set_defaults(func=cmd_model_info)
