@@ -176,3 +176,28 @@ def test_every_process_builds_the_same_aux_head_and_it_travels(smoke_cfg, client
     assert shared and all(torch.equal(wa[k], model.get_trainable(plain.policy)[k]) for k in shared[:5])
     with pytest.raises(ValueError, match="needs observation.environment_state in the datasets"):
         model.build_policy(cfg, clients[0].meta, stats)
+
+
+def test_a_normalized_feature_without_stats_is_an_error_naming_it(smoke_cfg, clients, stats):
+    """lerobot's normalizer would pass a feature without stats through raw; zk0 stops before round 1."""
+    from lerobot.configs.types import FeatureType, NormalizationMode, PolicyFeature
+
+    features = {
+        "observation.state": PolicyFeature(FeatureType.STATE, (6,)),
+        "observation.images.front": PolicyFeature(FeatureType.VISUAL, (3, 48, 48)),
+        "action": PolicyFeature(FeatureType.ACTION, (6,)),
+    }
+    norm = {
+        "VISUAL": NormalizationMode.IDENTITY,
+        "STATE": NormalizationMode.MEAN_STD,
+        "ACTION": NormalizationMode.MIN_MAX,
+    }
+    model.check_stats_cover(features, norm, stats)  # images are not normalized: no stats needed
+    without = {k: v for k, v in stats.items() if k != "observation.state"}
+    with pytest.raises(ValueError, match=r"observation\.state \(STATE, MEAN_STD: no mean/std\)"):
+        model.check_stats_cover(features, norm, without)
+    no_max = {**stats, "action": {k: v for k, v in stats["action"].items() if k != "max"}}
+    with pytest.raises(ValueError, match=r"action \(ACTION, MIN_MAX: no max\)"):
+        model.check_stats_cover(features, norm, no_max)
+    with pytest.raises(ValueError, match=r"observation\.state .*data\.rename_map"):
+        model.build_policy(smoke_cfg, clients[0].meta, without)

@@ -375,6 +375,7 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
         policy = wrap_with_lora(policy, cfg.model.peft, cfg.model.init_seed)
     fp32_master_weights(policy)  # after LoRA: only what trains in the end is made fp32
     norm_features = {**pc.input_features, **pc.output_features}
+    check_stats_cover(norm_features, pc.normalization_mapping, stats)
     if cfg.model.pretrained == TINY:
         pre, post = make_pre_post_processors(pc, dataset_stats=stats)
         for step in pre.steps:
@@ -412,6 +413,33 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
 
     tokenize_tasks_once(pre)  # the same tokens, computed once per task instead of at every batch
     return PolicyBundle(policy=policy, preprocessor=pre, postprocessor=post, device=device)
+
+
+def check_stats_cover(features: dict[str, Any], norm_map: dict[Any, Any], stats: dict[str, dict[str, Any]]) -> None:
+    """Every policy input and output that lerobot normalizes must have the stats its mode reads: lerobot's
+    normalizer passes a feature without them through raw (an arm that wobbles), so it is an error here,
+    before round 1, naming the key."""
+    from lerobot.configs.types import NormalizationMode
+
+    reads = {
+        NormalizationMode.MEAN_STD: ("mean", "std"),
+        NormalizationMode.MIN_MAX: ("min", "max"),
+        NormalizationMode.QUANTILES: ("q01", "q99"),
+        NormalizationMode.QUANTILE10: ("q10", "q90"),
+    }
+    problems = []
+    for key, feature in features.items():
+        kind = getattr(feature.type, "value", feature.type)
+        mode = NormalizationMode(norm_map.get(kind, norm_map.get(feature.type, NormalizationMode.IDENTITY)))
+        lacking = [s for s in reads.get(mode, ()) if s not in stats.get(key, {})]
+        if lacking:
+            problems.append(f"{key} ({kind}, {mode.value}: no {'/'.join(lacking)})")
+    if problems:
+        raise ValueError(
+            f"the normalization stats lack what the policy normalizes: {'; '.join(problems)}. The stats have "
+            f"{sorted(stats)}: map a dataset key that differs from the policy's with data.rename_map, or give the "
+            "datasets the feature (with its stats)"
+        )
 
 
 def fp32_master_weights(policy: torch.nn.Module) -> None:
