@@ -23,8 +23,9 @@ from zk0lib.validate import (
 FPS = 30
 
 
-def write_dataset(root, lengths=(30, 30, 30, 30), dead_joint=None, duplicate=None, size=32):
-    """A LeRobot dataset through lerobot's writer; `duplicate=(episode, frame)` adds that frame twice."""
+def write_dataset(root, lengths=(30, 30, 30, 30), dead_joint=None, duplicate=None, size=32, frozen=None):
+    """A LeRobot dataset through lerobot's writer; `duplicate=(episode, frame)` adds that frame twice;
+    `frozen=(episode, camera, first, last)` repeats that camera's image of frame `first` up to frame `last`."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     ds = LeRobotDataset.create(
@@ -38,10 +39,15 @@ def write_dataset(root, lengths=(30, 30, 30, 30), dead_joint=None, duplicate=Non
     for ep, n in enumerate(lengths):
         spec = synth.SyntheticSpec(variant=ep, episodes=1, frames=n, image_size=size, seed=ep)
         states, actions, goal = synth.episode(spec, 0)
+        held = None  # the frozen camera's image
         for k, (state, action) in enumerate(zip(states, actions, strict=True)):
             if dead_joint is not None:
                 state[dead_joint] = action[dead_joint] = 12.0
             images = synth.render(spec, state, goal)
+            if frozen is not None and frozen[0] == ep and k == frozen[2]:
+                held = images[frozen[1]]
+            if frozen is not None and frozen[0] == ep and frozen[2] < k <= frozen[3]:
+                images[frozen[1]] = held
             frame = {
                 "observation.state": state,
                 "action": action,
@@ -189,6 +195,17 @@ def test_nan_action(copy_of, tmp_path):
     assert_passes(fixed.root)
 
 
+def test_a_frozen_camera_is_found_with_its_episode_and_frames(tmp_path):
+    """A camera whose stream stalls (the same image for 12 frames while the arm moves) is a warning naming the
+    camera, the episode and the frames; the other camera, and every clean episode, are not flagged."""
+    root = write_dataset(tmp_path / "frozen", lengths=(30, 30), frozen=(1, "wrist", 10, 21))
+    report = validate_dataset(root, decode="full", chunk_size=10)
+    [f] = findings(report, "video.frozen")
+    assert (f.severity, f.episode, f.frame, f.frames) == ("warning", 1, 10, list(range(10, 22)))
+    assert f.message.startswith("observation.images.wrist: 12 identical frames in a row (10-21)")
+    assert report.errors == []
+
+
 def test_dead_joint(tmp_path):
     report = validate_dataset(write_dataset(tmp_path / "dead", dead_joint=2), decode="none")
     dead = findings(report, "values.dead_joint")
@@ -290,3 +307,19 @@ def test_the_hub_presets_cameras_line_up_across_so100_and_so101_datasets(clean):
     datasets = {"so100": filmed_by("top", "wrist"), "so101": filmed_by("up", "side")}
     assert compare_features(datasets, hub).findings == []
     assert [f.check for f in compare_features(datasets, {}).errors] == ["clients.cameras"]  # without the map
+
+
+def test_validate_by_path_without_a_preset(clean, copy_of, zk0_cli, home, tmp_path):
+    """`zk0 validate PATH ...`: a robot owner's folders checked as they are, one client each, and across them;
+    a path that is not a dataset, and a Hub id not in the cache, are refused with what to do."""
+    other = copy_of("other")
+    out = zk0_cli("validate", str(clean), str(other), "--decode", "sample", "--name", "by-path")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    saved = json.loads((home / "reports" / "validation" / "by-path.json").read_text())
+    assert [(c["client"], c["root"]) for c in saved["checked"]] == [("ds", str(clean)), ("other", str(other))]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = zk0_cli("validate", str(empty))
+    assert out.returncode == 2 and "not a LeRobot dataset folder (it has no meta/info.json)" in out.stderr
+    out = zk0_cli("validate", "nobody/not-downloaded")
+    assert out.returncode == 2 and "huggingface-cli download --repo-type dataset nobody/not-downloaded" in out.stderr

@@ -402,17 +402,23 @@ def cmd_sim_reference(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from zk0lib.env import quiet, use_offline_hub_if_possible
-    from zk0lib.validate import check_before_training, validate_clients
+    from zk0lib.validate import check_before_training, config_for_datasets, validate_clients
 
     quiet()
     cfg = _config(args)
+    if args.datasets:
+        try:
+            cfg = config_for_datasets(cfg, args.datasets)
+        except ValueError as e:
+            print(f"zk0 validate: {e}", file=sys.stderr)
+            return 2
     use_offline_hub_if_possible(cfg)
     t0 = time.perf_counter()
     decode = {"off": "none"}.get(args.decode, args.decode)
     report = validate_clients(cfg, decode=decode, fraction=args.fraction, sources=True)
     print(report.table(max_rows=args.max_rows))
     _print_decode_speed(report)
-    name = args.name or cfg.preset
+    name = args.name or ("datasets" if args.datasets else cfg.preset)
     csv_path, _ = report.save(cfg.home / "reports" / "validation", name)
     print(f"findings: {csv_path} (and .json); {time.perf_counter() - t0:.1f} s")
     if args.repair and report.errors:
@@ -603,6 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("full", "sample", "off"),
         default="full",
         help="decode every video frame (full, default), a share of them (sample) or none",
+    )
+    p.add_argument(
+        "datasets",
+        nargs="*",
+        metavar="PATH_OR_REPO_ID",
+        help="check these datasets (folders, or Hub ids in the local cache) instead of the preset's clients",
     )
     p.add_argument("--fraction", type=float, default=0.1, help="share of frames decoded in sample mode")
     p.add_argument("--repair", action="store_true", help="write repaired copies under data_cache/repaired")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from zk0lib import env
 from zk0lib.sources import dataset_key
@@ -445,11 +446,19 @@ def _check_videos(files: DatasetFiles, add: Any, decode: str, fraction: float, s
             start = float(meta[f"videos/{key}/from_timestamp"])
             failed: list[int] = []
             first_error = ""
+            change = np.full(len(rows), np.inf)  # mean |frame - previous frame| (full decode only)
+            previous = None
             for chunk in np.array_split(picks, max(1, math.ceil(len(picks) / 64))):
                 stamps = [float(start + ts_all[rows[i]]) for i in chunk]
                 try:
-                    decode_video_frames(path, stamps, tol, backend)
+                    frames = decode_video_frames(path, stamps, tol, backend).float()
+                    if decode == "full":
+                        joined = frames if previous is None else torch.cat([previous, frames])
+                        steps = (joined[1:] - joined[:-1]).abs().flatten(1).mean(1).numpy()
+                        change[chunk[len(chunk) - len(steps) :]] = steps
+                        previous = frames[-1:]
                 except Exception:  # noqa: BLE001 - find which frames of the chunk fail, one by one
+                    previous = None
                     for i, stamp in zip(chunk, stamps, strict=True):
                         try:
                             decode_video_frames(path, [stamp], tol, backend)
@@ -457,6 +466,8 @@ def _check_videos(files: DatasetFiles, add: Any, decode: str, fraction: float, s
                             failed.append(int(fi_all[rows[i]]))
                             first_error = first_error or f"{type(e).__name__}: {str(e).splitlines()[-1][:160]}"
                 decoded += len(chunk)
+            if decode == "full" and not failed:
+                _check_frozen(files, add, ep, key, rows, change)
             if failed:
                 add(
                     "video.decode",
@@ -468,6 +479,51 @@ def _check_videos(files: DatasetFiles, add: Any, decode: str, fraction: float, s
                     frames=failed,
                 )
     return decoded
+
+
+FROZEN_CHANGE = 0.5 / 255  # mean |difference| of two decoded frames below which they are the same image
+FROZEN_MOTION_DEG = 2.0  # the arm moved at least this much (a joint, over the run) while the image did not
+
+
+def _check_frozen(files: DatasetFiles, add: Any, ep: int, key: str, rows: np.ndarray, change: np.ndarray) -> None:
+    """Runs of identical consecutive frames in one camera while the arm moves: a stalled camera stream (a USB
+    camera that drops out records its last frame again and again). A still scene is not flagged: the joints
+    that carry the arm through space (not the gripper or the wrist's roll, which a camera may not see) must
+    move over the run. Runs shorter than a quarter second (at least 5 frames) are left alone."""
+    if "observation.state" not in files.table:
+        return
+    state = np.stack(files.table["observation.state"].to_numpy()[rows]).astype(np.float64)
+    names = files.info["features"]["observation.state"].get("names") or []
+    if isinstance(names, list) and len(names) == state.shape[1]:  # the joints that move the arm through space
+        moving = [i for i, n in enumerate(names) if "gripper" not in str(n) and "roll" not in str(n)]
+        state = state[:, moving] if moving else state
+    frame_index = files.table["frame_index"].to_numpy()[rows]
+    shortest = max(5, int(files.fps / 4))
+    same = change < FROZEN_CHANGE
+    i = 0
+    while i < len(same):
+        if not same[i]:
+            i += 1
+            continue
+        j = i
+        while j < len(same) and same[j]:
+            j += 1
+        first, last = i - 1, j - 1  # frame i repeats frame i-1: the run starts one frame earlier
+        if last - first + 1 >= shortest:
+            moved = float((state[first : last + 1].max(0) - state[first : last + 1].min(0)).max())
+            if moved >= FROZEN_MOTION_DEG:
+                frames = [int(f) for f in frame_index[first : last + 1]]
+                add(
+                    "video.frozen",
+                    "warning",
+                    f"{key}: {len(frames)} identical frames in a row ({frames[0]}-{frames[-1]}) while the arm "
+                    f"moved {moved:.1f} deg: the camera's stream stalled",
+                    "check the camera's connection; drop the episode, or its frozen frames, from training",
+                    episode=ep,
+                    frame=frames[0],
+                    frames=frames,
+                )
+        i = j
 
 
 # ----------------------------------------------------------------------------- across clients
@@ -534,6 +590,37 @@ def validate_clients(
     return report.extend(compare_features(infos, cfg.data.rename_map))
 
 
+def config_for_datasets(cfg: Any, items: list[str]) -> Any:
+    """`cfg` with one client per dataset named on the command line (a folder, or a Hub id in the local cache)
+    and no evaluation-only ones: for a robot owner checking datasets without a preset."""
+    from zk0lib.config import ClientConfig
+    from zk0lib.sources import hub_root
+
+    clients, seen = [], set()
+    for item in items:
+        path = Path(item).expanduser()
+        if path.exists():
+            if not (path / "meta" / "info.json").exists():
+                raise ValueError(f"{item}: not a LeRobot dataset folder (it has no meta/info.json)")
+            name, spec = path.name, {"source": "local", "root": str(path.resolve()), "repo_id": f"local/{path.name}"}
+        elif item.count("/") == 1 and not item.startswith((".", "/")):
+            if not (hub_root(item) / "meta" / "info.json").exists():
+                raise ValueError(
+                    f"{item}: no such folder, and not in the local dataset cache ({hub_root(item)}). Download it "
+                    f"first: huggingface-cli download --repo-type dataset {item} --local-dir {hub_root(item)}"
+                )
+            name, spec = item.split("/")[1], {"source": "hub", "repo_id": item}
+        else:
+            raise ValueError(f"{item}: no such folder, and not a Hub dataset id (user/name)")
+        unique, n = name, 2
+        while unique in seen:
+            unique, n = f"{name}-{n}", n + 1
+        seen.add(unique)
+        clients.append(ClientConfig(name=unique, **spec))
+    cfg.data.clients, cfg.data.eval_only = clients, []
+    return cfg
+
+
 def check_before_training(cfg: Any, progress: Any = None) -> Report | None:
     """Validate the config's datasets; repair them with data.repair; refuse errors unless data.allow_invalid."""
     from zk0lib.sources import hub_root, repaired_root, source_location
@@ -590,7 +677,7 @@ def validate_cached(
     return report
 
 
-VALIDATOR_VERSION = 1
+VALIDATOR_VERSION = 2  # 2: the frozen-camera check
 
 
 # ----------------------------------------------------------------------------- repairs
