@@ -309,17 +309,23 @@ def test_the_hub_presets_cameras_line_up_across_so100_and_so101_datasets(clean):
     assert [f.check for f in compare_features(datasets, {}).errors] == ["clients.cameras"]  # without the map
 
 
-def test_validate_by_path_without_a_preset(clean, copy_of, zk0_cli, home, tmp_path):
+def test_validate_by_path_without_a_preset(clean, copy_of, home, tmp_path, capsys):
     """`zk0 validate PATH ...`: a robot owner's folders checked as they are, one client each, and across them;
     a path that is not a dataset, and a Hub id not in the cache, are refused with what to do."""
+    from zk0lib.cli import build_parser
+
+    def zk0_validate(*args):
+        parsed = build_parser().parse_args(["validate", *args])
+        return parsed.func(parsed), capsys.readouterr()
+
     other = copy_of("other")
-    out = zk0_cli("validate", str(clean), str(other), "--decode", "sample", "--name", "by-path")
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    code, out = zk0_validate(str(clean), str(other), "--decode", "sample", "--name", "by-path")
+    assert code == 0, out.out[-2000:] + out.err[-2000:]
     saved = json.loads((home / "reports" / "validation" / "by-path.json").read_text())
     assert [(c["client"], c["root"]) for c in saved["checked"]] == [("ds", str(clean)), ("other", str(other))]
     empty = tmp_path / "empty"
     empty.mkdir()
-    out = zk0_cli("validate", str(empty))
-    assert out.returncode == 2 and "not a LeRobot dataset folder (it has no meta/info.json)" in out.stderr
-    out = zk0_cli("validate", "nobody/not-downloaded")
-    assert out.returncode == 2 and "huggingface-cli download --repo-type dataset nobody/not-downloaded" in out.stderr
+    code, out = zk0_validate(str(empty))
+    assert code == 2 and "not a LeRobot dataset folder (it has no meta/info.json)" in out.err
+    code, out = zk0_validate("nobody/not-downloaded")
+    assert code == 2 and "huggingface-cli download --repo-type dataset nobody/not-downloaded" in out.err
