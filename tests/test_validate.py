@@ -196,13 +196,14 @@ def test_nan_action(copy_of, tmp_path):
 
 
 def test_a_frozen_camera_is_found_with_its_episode_and_frames(tmp_path):
-    """A camera whose stream stalls (the same image for 12 frames while the arm moves) is a warning naming the
-    camera, the episode and the frames; the other camera, and every clean episode, are not flagged."""
-    root = write_dataset(tmp_path / "frozen", lengths=(30, 30), frozen=(1, "wrist", 10, 21))
+    """A camera whose stream stalls (the same image for 20 frames while the arm moves ~8 deg) is a warning naming
+    the camera, the episode and the frames; the other camera, and every clean episode, are not flagged."""
+    root = write_dataset(tmp_path / "frozen", lengths=(30, 30), frozen=(1, "wrist", 5, 24))
     report = validate_dataset(root, decode="full", chunk_size=10)
     [f] = findings(report, "video.frozen")
-    assert (f.severity, f.episode, f.frame, f.frames) == ("warning", 1, 10, list(range(10, 22)))
-    assert f.message.startswith("observation.images.wrist: 12 identical frames in a row (10-21)")
+    # frames 6-24 repeat frame 5's image; the codec may still refine the first repeat, so the run starts at 5 or 6
+    assert (f.severity, f.episode) == ("warning", 1) and f.frame in (5, 6) and f.frames == list(range(f.frame, 25))
+    assert f.message.startswith(f"observation.images.wrist: {len(f.frames)} identical frames in a row ({f.frame}-24)")
     assert report.errors == []
 
 

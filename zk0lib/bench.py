@@ -35,8 +35,24 @@ def _tiny_policy_of(run: RunRecord) -> Any:
     """The run's own tiny model, rebuilt from its config and the federation's feature metadata."""
     from lerobot.datasets.dataset_metadata import LeRobotDatasetMetadata
 
+    from zk0lib.fl.server_app import NORMALIZATION_FILE
+    from zk0lib.fl.transport import record_from_bytes, stats_from_record
+
     meta = LeRobotDatasetMetadata("zk0/federation", root=run.path / "federation_meta")
-    return model.build_policy(run.config(), meta, meta.stats or {}).policy
+    saved = run.path / NORMALIZATION_FILE  # the stats it trained with (a run from before 2026-12-07 has none)
+    if saved.exists():
+        stats = stats_from_record(record_from_bytes(saved.read_bytes()))
+    else:  # only the model's size is measured here: neutral stats for what it normalizes
+        import numpy as np
+
+        stats = {
+            k: {"mean": np.zeros(f["shape"]), "std": np.ones(f["shape"]), "min": -np.ones(f["shape"]),
+                "max": np.ones(f["shape"]), "q01": -np.ones(f["shape"]), "q99": np.ones(f["shape"]),
+                "q10": -np.ones(f["shape"]), "q90": np.ones(f["shape"])}
+            for k, f in meta.features.items()
+            if f["dtype"] not in ("video", "image", "string") and (k.startswith("observation.") or k == "action")
+        }  # fmt: skip
+    return model.build_policy(run.config(), meta, stats).policy
 
 
 def latest_federated_run(runs_dir: Path) -> RunRecord | None:

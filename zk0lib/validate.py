@@ -482,14 +482,15 @@ def _check_videos(files: DatasetFiles, add: Any, decode: str, fraction: float, s
 
 
 FROZEN_CHANGE = 0.5 / 255  # mean |difference| of two decoded frames below which they are the same image
-FROZEN_MOTION_DEG = 2.0  # the arm moved at least this much (a joint, over the run) while the image did not
+FROZEN_MOTION_DEG = 5.0  # the arm moved at least this much (a joint, over the run) while the image did not
 
 
 def _check_frozen(files: DatasetFiles, add: Any, ep: int, key: str, rows: np.ndarray, change: np.ndarray) -> None:
     """Runs of identical consecutive frames in one camera while the arm moves: a stalled camera stream (a USB
     camera that drops out records its last frame again and again). A still scene is not flagged: the joints
     that carry the arm through space (not the gripper or the wrist's roll, which a camera may not see) must
-    move over the run. Runs shorter than a quarter second (at least 5 frames) are left alone."""
+    move over the run, by 5 degrees (a few degrees can leave a small or coarse image unchanged). Runs shorter
+    than a third of a second (at least 10 frames) are left alone."""
     if "observation.state" not in files.table:
         return
     state = np.stack(files.table["observation.state"].to_numpy()[rows]).astype(np.float64)
@@ -498,7 +499,7 @@ def _check_frozen(files: DatasetFiles, add: Any, ep: int, key: str, rows: np.nda
         moving = [i for i, n in enumerate(names) if "gripper" not in str(n) and "roll" not in str(n)]
         state = state[:, moving] if moving else state
     frame_index = files.table["frame_index"].to_numpy()[rows]
-    shortest = max(5, int(files.fps / 4))
+    shortest = max(10, int(files.fps / 3))
     same = change < FROZEN_CHANGE
     i = 0
     while i < len(same):
@@ -677,7 +678,7 @@ def validate_cached(
     return report
 
 
-VALIDATOR_VERSION = 2  # 2: the frozen-camera check
+VALIDATOR_VERSION = 3  # 2: the frozen-camera check; 3: its thresholds
 
 
 # ----------------------------------------------------------------------------- repairs
