@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.zk0-installed
 export ZK0_HOME := $(CURDIR)
 
-.PHONY: install demo test test-fast lint format lab app app-check smoke compare study base bench deploy-local clean help
+.PHONY: install demo test test-fast lint format lab app app-check smoke compare study base bench deploy-local clean help rehearse
 
 help:
 	@echo "make demo     the offline demo: notebooks 01 -> 04 on the simulated labs into reports/demo (CPU)"
@@ -22,6 +22,7 @@ help:
 	@echo "make base     remake the shipped tiny base zk0lib/assets/tiny-base (zk0 base, community labs)"
 	@echo "make bench    zk0 bench comms, overhead, dataloader, gpu-step (reports/bench)"
 	@echo "make deploy-local  the demo on Flower's Deployment Engine, TLS + SuperNode auth, on 127.0.0.1"
+	@echo "make rehearse  the real path at full size, offline (smolvla_base-shaped, both engines; ~15 min on 2 cores)"
 
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "zk0 needs Python 3.12 ($(PYTHON) not found): install it (pyenv install 3.12, apt, conda) or run make PYTHON=/path/to/python3.12"; exit 1; }
@@ -81,6 +82,9 @@ bench: install
 
 deploy-local: install
 	$(BIN)/zk0 deploy-local --preset demo
+
+rehearse: install
+	$(BIN)/zk0 rehearse
 
 clean:
 	rm -rf reports data_cache/flwr
