@@ -45,13 +45,12 @@ def _tiny_policy_of(run: RunRecord) -> Any:
     else:  # only the model's size is measured here: neutral stats for what it normalizes
         import numpy as np
 
+        neutral = {"mean": 0.0, "std": 1.0, "min": -1.0, "max": 1.0, "q01": -1.0, "q99": 1.0, "q10": -1.0, "q90": 1.0}
         stats = {
-            k: {"mean": np.zeros(f["shape"]), "std": np.ones(f["shape"]), "min": -np.ones(f["shape"]),
-                "max": np.ones(f["shape"]), "q01": -np.ones(f["shape"]), "q99": np.ones(f["shape"]),
-                "q10": -np.ones(f["shape"]), "q90": np.ones(f["shape"])}
+            k: {stat: np.full(f["shape"], value) for stat, value in neutral.items()}
             for k, f in meta.features.items()
             if f["dtype"] not in ("video", "image", "string") and (k.startswith("observation.") or k == "action")
-        }  # fmt: skip
+        }
     return model.build_policy(run.config(), meta, stats).policy
 
 

@@ -128,6 +128,11 @@ def _folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def _slowest(clients: dict[str, dict[str, Any]], key: str, per_step: bool = False) -> float:
+    """The slowest client's value of a timing in a round's record (per optimizer step with `per_step`)."""
+    return max((v.get(key, 0) / (max(v.get("steps", 1), 1) if per_step else 1) for v in clients.values()), default=0)
+
+
 def run_report(result: Any, engine: str) -> dict[str, Any]:
     """What a user needs to know from one rehearsal run, read from its own record."""
     summary, rounds = result.summary, [r for r in result.rounds if r.get("round", 0) >= 1]
@@ -136,6 +141,7 @@ def run_report(result: Any, engine: str) -> dict[str, Any]:
     for r in rounds:
         clients = (r.get("train") or {}).get("clients", {})
         seconds = r.get("seconds", {})
+
         per_round.append(
             {
                 "round": r["round"],
@@ -146,21 +152,13 @@ def run_report(result: Any, engine: str) -> dict[str, Any]:
                 "server_peak_rss_mib": round((r.get("memory") or {}).get("server_peak_rss_mib", 0)),
                 "seconds": {
                     "round": round(seconds.get("round", 0), 1),
-                    "client_setup": round(max((v.get("setup_seconds", 0) for v in clients.values()), default=0), 1),
-                    "client_steps": round(max((v.get("seconds", 0) for v in clients.values()), default=0), 1),
-                    "step": round(
-                        max((v.get("seconds", 0) / max(v.get("steps", 1), 1) for v in clients.values()), default=0), 1
-                    ),
-                    "client_serialize": round(
-                        max((v.get("serialize_seconds", 0) for v in clients.values()), default=0), 2
-                    ),
+                    "client_setup": round(_slowest(clients, "setup_seconds"), 1),
+                    "client_steps": round(_slowest(clients, "seconds"), 1),
+                    "step": round(_slowest(clients, "seconds", per_step=True), 1),
+                    "client_serialize": round(_slowest(clients, "serialize_seconds"), 2),
                     "server_serialize": round(seconds.get("server_serialize", 0), 2),
-                    "client_handler": round(max((v.get("handler_seconds", 0) for v in clients.values()), default=0), 1),
-                    "transfer_and_aggregate": round(
-                        seconds.get("train", 0)
-                        - max((v.get("handler_seconds", 0) for v in clients.values()), default=0),
-                        1,
-                    ),
+                    "client_handler": round(_slowest(clients, "handler_seconds"), 1),
+                    "transfer_and_aggregate": round(seconds.get("train", 0) - _slowest(clients, "handler_seconds"), 1),
                     "evaluate": round(seconds.get("evaluate", 0), 1),
                     "checkpoint": round(seconds.get("checkpoint", 0), 1),
                 },

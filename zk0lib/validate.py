@@ -451,8 +451,9 @@ def _check_videos(files: DatasetFiles, add: Any, decode: str, fraction: float, s
             for chunk in np.array_split(picks, max(1, math.ceil(len(picks) / 64))):
                 stamps = [float(start + ts_all[rows[i]]) for i in chunk]
                 try:
-                    frames = decode_video_frames(path, stamps, tol, backend).float()
-                    if decode == "full":
+                    frames = decode_video_frames(path, stamps, tol, backend)
+                    if decode == "full":  # the frozen-camera check compares each frame with the one before
+                        frames = frames.float()
                         joined = frames if previous is None else torch.cat([previous, frames])
                         steps = (joined[1:] - joined[:-1]).abs().flatten(1).mean(1).numpy()
                         change[chunk[len(chunk) - len(steps) :]] = steps
