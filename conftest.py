@@ -14,17 +14,24 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 # With `pytest -n 2` (machines with cores to spare; `make test` is serial), each worker takes whole files (module fixtures such as a
-# recording, a sweep or the fault run are built once), and the files that read the session's smoke run
-# go to the same worker, so that run happens once.
-SMOKE_RUN_FILES = {"test_baselines.py", "test_deploy.py", "test_federation.py", "test_page.py"}
+# recording or the fault run are built once), and the files that read one of the session's shared runs go
+# to the same worker, so that run happens once: the smoke run, and the two-point sweep (deploy-local is
+# compared to its FedProx point).
+SHARED_RUN_FILES = {
+    "test_baselines.py": "smoke-run",
+    "test_federation.py": "smoke-run",
+    "test_page.py": "smoke-run",
+    "test_deploy.py": "sweep",
+    "test_notebooks.py": "sweep",
+}
 
 
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadFileScheduling
 
-    class ByFileAndSmokeRun(LoadFileScheduling):
+    class ByFileAndSharedRun(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             file = super()._split_scope(nodeid)
-            return "smoke-run" if Path(file).name in SMOKE_RUN_FILES else file
+            return SHARED_RUN_FILES.get(Path(file).name, file)
 
-    return ByFileAndSmokeRun(config, log)
+    return ByFileAndSharedRun(config, log)

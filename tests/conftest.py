@@ -113,6 +113,32 @@ def smoke_run(home, zk0_cli):
     return out, time.time() - t0, t0
 
 
+@pytest.fixture(scope="session")
+def sweep_cli(home, zk0_cli):
+    """`zk0 sweep` of two points, as a user would run it: (its folder, the finished process). Its FedProx
+    point (the smoke preset, 1 round of 2 local steps) is also the simulation deploy-local is compared to."""
+    out = zk0_cli(
+        "sweep",
+        "--preset",
+        "smoke",
+        "--sweep-id",
+        "t2",
+        "--grid",
+        "fl.strategy=fedavg,fedprox",
+        "--set",
+        "fl.num_rounds=1",
+        "--set",
+        "train.local_steps=2",
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return home / "reports" / "sweeps" / "t2", out
+
+
+@pytest.fixture(scope="session")
+def sweep_dir(sweep_cli):
+    return sweep_cli[0]
+
+
 @pytest.fixture
 def corrupted_client(clients, tmp_path):
     """A copy of client 0 with 3 kB of garbage in the middle of its front-camera video."""

@@ -8,20 +8,30 @@ from test_federation import _alive_flower_processes  # tests/ is on sys.path
 from zk0lib.runs import RunRecord
 
 
-def test_deploy_local_with_tls_and_auth_matches_the_simulation(home, zk0_cli, smoke_run):
-    """The smoke run over TLS with authenticated SuperNodes on the Deployment Engine gives the simulation's
-    numbers (every message there starts a ClientApp process: ~30 s each here)."""
-    assert smoke_run[0].returncode == 0
+def test_deploy_local_with_tls_and_auth_matches_the_simulation(home, zk0_cli, sweep_dir):
+    """One round of the smoke preset over TLS with authenticated SuperNodes on the Deployment Engine gives
+    the simulation's numbers: the sweep's FedProx point ran the same config in Flower's simulation (every
+    message here starts a ClientApp process: ~15-30 s a round on 2 cores)."""
+    simulated = RunRecord(sweep_dir / "runs" / "01-strategy-fedprox")
+    assert simulated.summary()["status"] == "completed"
     t0 = time.time()
-    out = zk0_cli("deploy-local", "--preset", "smoke", "--run-id", "deployed")
+    out = zk0_cli(
+        "deploy-local", "--preset", "smoke", "--run-id", "deployed",
+        "--set", "fl.num_rounds=1", "--set", "train.local_steps=2", "--set", "fl.strategy=fedprox",
+    )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "2 SuperNodes registered and started" in out.stdout
     assert "over TLS with authenticated SuperNodes" in out.stdout
     deployed = RunRecord(home / "reports" / "runs" / "deployed")
-    simulated = RunRecord(home / "reports" / "runs" / "e2e-smoke")
-    assert [r["round"] for r in deployed.rounds()] == [0, 1, 2]
+    assert deployed.config().fl.num_rounds == 1 and simulated.config().fl.num_rounds == 1
+    assert deployed.config().train.local_steps == simulated.config().train.local_steps == 2
+    assert [r["round"] for r in deployed.rounds()] == [0, 1]
+    assert set(deployed.rounds()[1]["train"]["clients"]) == {"synth-0", "synth-1"}
     assert set(deployed.rounds()[1]["eval"]["clients"]) == {"synth-0", "synth-1"}
-    for key in ("loss", "action_mae"):  # whichever engine carried the messages and whoever judged: the same numbers
+    for a, b in zip(deployed.rounds(), simulated.rounds(), strict=True):  # every round, not only the last
+        for key in ("loss", "action_mae"):  # whichever engine carried the messages and whoever judged: the same
+            assert abs(a["eval"]["mean"][key] - b["eval"]["mean"][key]) < 1e-6
+    for key in ("loss", "action_mae"):
         assert abs(deployed.summary()["final"][key] - simulated.summary()["final"][key]) < 1e-6
     assert (home / "data_cache" / "deploy" / "tls" / "ca.crt").exists()
     assert _alive_flower_processes(t0) == []

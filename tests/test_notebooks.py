@@ -43,31 +43,6 @@ def _summary_output(executed: Path) -> dict:
     return json.loads(text)
 
 
-@pytest.fixture(scope="module")
-def sweep_cli(home, zk0_cli):
-    """`zk0 sweep` of two points, as a user would run it: (its folder, the finished process)."""
-    out = zk0_cli(
-        "sweep",
-        "--preset",
-        "smoke",
-        "--sweep-id",
-        "t2",
-        "--grid",
-        "fl.strategy=fedavg,fedprox",
-        "--set",
-        "fl.num_rounds=1",
-        "--set",
-        "train.local_steps=2",
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return home / "reports" / "sweeps" / "t2", out
-
-
-@pytest.fixture(scope="module")
-def sweep_dir(sweep_cli):
-    return sweep_cli[0]
-
-
 def test_sweep_streams_the_notebooks_progress_to_the_terminal(sweep_cli):
     out = sweep_cli[1]
     lines = out.stdout.splitlines()

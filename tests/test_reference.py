@@ -12,7 +12,7 @@ from zk0lib.sim.reference import ReferenceSpec, chunk_error, closed_loop, read_f
 
 @pytest.fixture(scope="module")
 def recording(home):
-    return record_lab("lab-red", 12, home / "data_cache", image_size=32, seed=0, workers=2)
+    return record_lab("lab-red", 12, home / "data_cache", image_size=32, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from zk0lib.config import ConfigError, load_config
 from zk0lib.sim.labs import CLIENT_LABS, LABS, UNSEEN_LAB
@@ -184,7 +185,9 @@ def test_recording_is_cached_and_independent_of_workers(recording, cache, tmp_pa
     again = record_lab("lab-blue", 3, cache, image_size=IMAGE, seed=0, workers=2)
     assert again.root == recording.root and again.seconds == recording.seconds  # read from the cache
     shutil.copytree(cache / "sim", tmp_path / "sim")  # the lab's scene and decimated meshes, not its recording
+    threads = torch.get_num_threads()
     single = record_lab("lab-blue", 3, tmp_path, image_size=IMAGE, seed=0, workers=1)
+    assert torch.get_num_threads() == threads  # simulated here on one thread; this process keeps its count
     a = LeRobotDataset("zk0/lab-blue", root=recording.root).hf_dataset
     b = LeRobotDataset("zk0/lab-blue", root=single.root).hf_dataset
     np.testing.assert_array_equal(np.asarray(a["action"]), np.asarray(b["action"]))

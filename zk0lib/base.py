@@ -58,7 +58,7 @@ class BaseSpec:
     num_denoise_steps: int = 5
     num_workers: int = 1
     aim_episodes: int = 10  # held-out cube positions per lab for the aim diagnostic
-    record_workers: int = 2
+    record_workers: int = 0  # 0: as many as pay (sim.record.pool_workers)
     # trained: action pretraining trains the vision encoder and connector too (decoding every frame);
     # frozen: they keep grounding's weights and the action stage reads their cached image features, as
     # SmolVLA's own pretraining reads a frozen vision path: many times the samples per CPU minute
@@ -76,6 +76,7 @@ class BaseSpec:
             setattr(spec, key, _convert(value, hints[key], key))
         may_be_zero = (
             "seed", "heldout_episodes", "grounding_steps", "action_steps", "chunk_steps", "warmup_steps", "num_workers",
+            "record_workers",
         )  # fmt: skip
         problems = [
             f"{k} must be {'>= 0' if k in may_be_zero else '> 0'} (got {getattr(spec, k)})"

@@ -686,7 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=0, help="simulating processes; 0 (default): as many as pay")
     p.set_defaults(func=cmd_sim_record)
     p = sim.add_parser("check", help="expert success and open-loop replay success over seeded episodes")
     p.add_argument("--lab", default="all")

@@ -80,7 +80,7 @@ class DataConfig:
     sim_episodes: int = 20  # expert demonstrations recorded per simulated lab
     sim_image_size: int = 128  # camera frames of the simulated labs (square)
     sim_noise_deg: float = 0.0  # execution noise while recording simulated labs (see sim.env.run_expert_episode)
-    record_workers: int = 2  # processes simulating episodes while recording
+    record_workers: int = 0  # processes simulating episodes while recording (0: as many as pay)
     validate: str = "sample"  # before training: full (decode every frame), sample, or off
     validate_fraction: float = 0.1  # share of each episode's frames decoded in sample mode
     repair: bool = False  # train on a repaired copy (under data_cache/repaired) of datasets with errors
@@ -138,7 +138,7 @@ class DataConfig:
         p.need(d.sim_episodes >= 1, f"data.sim_episodes must be >= 1 (got {d.sim_episodes})")
         p.need(d.sim_image_size >= 32, f"data.sim_image_size must be >= 32 (got {d.sim_image_size})")
         p.need(d.sim_noise_deg >= 0, f"data.sim_noise_deg must be >= 0 (got {d.sim_noise_deg})")
-        p.need(d.record_workers >= 1, f"data.record_workers must be >= 1 (got {d.record_workers})")
+        p.need(d.record_workers >= 0, f"data.record_workers must be >= 0, 0 for automatic (got {d.record_workers})")
         p.need(d.validate in ("full", "sample", "off"), f"data.validate: full, sample or off, got {d.validate!r}")
         p.need(0 < d.validate_fraction <= 1, f"data.validate_fraction must be in (0, 1] (got {d.validate_fraction})")
         return p

@@ -234,9 +234,10 @@ def deploy_local(cfg: ExperimentConfig, progress: Callable[[str], None] | None =
     return finish_run(run, t0, log_path, "started" if flower_run_id else "not started")
 
 
-def check_refusals(cfg: ExperimentConfig, wait_s: float = 20.0) -> dict[str, Any]:
+def check_refusals(cfg: ExperimentConfig, wait_s: float = 30.0) -> dict[str, Any]:
     """Start a SuperNode whose key was never registered, and one without TLS, against a secured SuperLink:
-    neither may join. Returns what each one's log said and the SuperLink's list of nodes."""
+    neither may join. Waits until both have given up (at most `wait_s`). Returns what each one's log said
+    and the SuperLink's list of nodes."""
     folder = cfg.cache_dir / "deploy" / "refusals"
     folder.mkdir(parents=True, exist_ok=True)
     outcome: dict[str, Any] = {}
@@ -251,7 +252,9 @@ def check_refusals(cfg: ExperimentConfig, wait_s: float = 20.0) -> dict[str, Any
                 "unregistered": fed.start_supernode(0, stranger_key, log=handles["unregistered"], max_retries=3),
                 "plaintext": fed.start_supernode(0, None, tls=False, log=handles["plaintext"], max_retries=3),
             }
-            time.sleep(wait_s)
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and any(p.poll() is None for p in nodes.values()):
+                time.sleep(0.5)
             listed = fed.supernodes()
             for name, proc in nodes.items():
                 handles[name].flush()

@@ -336,6 +336,7 @@ def _simulate(
             run_conf,
         ]
         flower_run_id = stream_flwr_run(cmd, link.env, log_path, progress)
-        if flower_run_id:
-            status = link.run_status(flower_run_id)
+        if flower_run_id:  # Flower's own word (`flwr ls`, ~1 s) only where the ServerApp did not record its end
+            completed = run.summary().get("status") == "completed"
+            status = "finished:completed" if completed else link.run_status(flower_run_id)
     return status

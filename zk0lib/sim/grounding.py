@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from zk0lib.sim.labs import LabSpec
+from zk0lib.sim.record import keeps_torch_threads, pool_workers
 
 GROUNDING_VERSION = 1
 FRONT_LABELS = ("cube_x", "cube_y", "target_x", "target_y")  # metres, world frame (table plane)
@@ -64,18 +65,21 @@ def grounding_set(
     cache_dir: Path,
     image_size: int = 128,
     seed: int = 0,
-    workers: int = 2,
+    workers: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Frames and labels of `episodes` expert episodes per lab (`per_episode` random frames each), made
-    once with `workers` processes and cached as one .npz under data_cache/grounding/."""
+    once with `workers` processes (None or 0: as many as pay, see `record.pool_workers`; one lab each at
+    most) and cached as one .npz under data_cache/grounding/."""
     key = json.dumps([[lab.digest() for lab in labs], episodes, per_episode, image_size, seed, GROUNDING_VERSION])
     path = Path(cache_dir) / "grounding" / f"grounding-{hashlib.sha256(key.encode()).hexdigest()[:10]}.npz"
     if path.exists():
         with np.load(path) as f:
             return dict(f)
     args = [(lab, episodes, per_episode, image_size, str(cache_dir), seed) for lab in labs]
+    workers = min(pool_workers(workers, len(labs) * episodes), len(labs))
     if workers <= 1:
-        parts = [_lab_frames(*a) for a in args]
+        with keeps_torch_threads():
+            parts = [_lab_frames(*a) for a in args]
     else:
         with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
             parts = list(pool.map(_lab_frames, *zip(*args, strict=True)))
