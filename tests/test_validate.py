@@ -205,6 +205,12 @@ def test_a_frozen_camera_is_found_with_its_episode_and_frames(tmp_path):
     assert (f.severity, f.episode) == ("warning", 1) and f.frame in (5, 6) and f.frames == list(range(f.frame, 25))
     assert f.message.startswith(f"observation.images.wrist: {len(f.frames)} identical frames in a row ({f.frame}-24)")
     assert report.errors == []
+    # The same frames in a simulated lab's recording: its cameras are rendered (no sensor noise), so a view
+    # that holds still repeats frames exactly without any stall; they are not judged.
+    from zk0lib.sim.record import RECORD_INFO
+
+    (root / RECORD_INFO).write_text(json.dumps({"lab": "lab-red"}))
+    assert findings(validate_dataset(root, decode="full", chunk_size=10), "video.frozen") == []
 
 
 def test_dead_joint(tmp_path):
