@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from zk0lib import convert, data, env
-from zk0lib.config import load_config
+from zk0lib.config import ConfigError, load_config
 from zk0lib.sources import dataset_key
 
 
@@ -129,3 +129,56 @@ def test_a_v21_dataset_is_converted_into_a_copy_and_trains_like_the_original(cli
     with pytest.raises(convert.DatasetFormatError, match=r"codebase v2\.0.*convert_dataset_v20_to_v21"):
         data.open_client(cfg20, 0)
     assert not (tmp_path / "c2" / "converted").exists()
+
+
+def test_an_owner_whose_cameras_are_named_otherwise_joins_through_its_own_rename_map(clients, tmp_path):
+    """data.clients.N.rename_map: owner 1 recorded with cameras it calls top and hand, owner 0 with front and
+    wrist. Without a map the federation is refused; with owner 1's own map it reads a renamed copy (source
+    untouched) whose frames and stats are owner 1's, and it trains."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from zk0lib import baselines
+    from zk0lib.validate import validate_clients
+
+    as_filmed = {
+        "observation.images.front": "observation.images.top",
+        "observation.images.wrist": "observation.images.hand",
+    }
+    other = convert.renamed_copy(tmp_path / "made", "made", clients[1].root, as_filmed)
+    assert set(LeRobotDataset("someone/top-hand", root=other).meta.video_keys) == set(as_filmed.values())
+    before = dataset_key(other)
+    overrides = {
+        "data.clients.1.source": "local",
+        "data.clients.1.root": str(other),
+        "data.clients.1.repo_id": "someone/top-hand",
+        "output.data_cache": str(tmp_path / "cache"),
+        "output.run_id": "renamed-owner",
+    }
+    plain = load_config("smoke", overrides)
+    assert [f.check for f in validate_clients(plain, decode="none").errors] == ["clients.cameras"]
+    back = json.dumps({v: k for k, v in as_filmed.items()})
+    mapped = load_config("smoke", {**overrides, "data.clients.1.rename_map": back})
+    assert validate_clients(mapped, decode="none").errors == []
+    owner = data.open_client(mapped, 1)
+    assert owner.root.parent == tmp_path / "cache" / "renamed" and dataset_key(other) == before
+    assert json.loads((owner.root / convert.RENAMED).read_text())["source"] == str(other)
+    a, b = LeRobotDataset(owner.repo_id, root=owner.root), LeRobotDataset(clients[1].repo_id, root=clients[1].root)
+    for i in (0, len(b) - 1):
+        for camera in b.meta.video_keys:
+            assert torch.equal(a[i][camera], b[i][camera])
+    ours, theirs = data.train_stats(owner), data.train_stats(clients[1])
+    for camera in b.meta.video_keys:
+        np.testing.assert_array_equal(ours[camera]["mean"], theirs[camera]["mean"])
+    assert data.open_client(mapped, 1).root == owner.root  # made once
+
+    record = baselines.run_baseline("centralized", mapped, progress=None).record
+    assert record.summary()["status"] == "completed" and set(record.summary()["clients"]) == {"synth-0", "synth-1"}
+
+    with pytest.raises(ValueError, match=r"names \['observation.images.side'\].*its cameras are"):
+        convert.renamed_copy(tmp_path / "bad", "x", other, {"observation.images.side": "observation.images.front"})
+    with pytest.raises(ValueError, match="already has"):
+        convert.renamed_copy(tmp_path / "bad", "x", other, {"observation.images.top": "observation.images.hand"})
+    with pytest.raises(ConfigError, match=r"data.clients.1.rename_map: two cameras renamed to one key"):
+        load_config(
+            "smoke", {"data.clients.1.rename_map": json.dumps(dict.fromkeys(as_filmed, "observation.images.x"))}
+        )

@@ -56,6 +56,9 @@ class ClientConfig:
     heldout_episodes: int | None = None  # None: data.heldout_episodes
     variant: int = 0  # scene variation of a synthetic client
     lab: str = ""  # simulated lab (source=sim), e.g. lab-red: recorded by the scripted expert on first use
+    # this owner's camera keys -> the federation's, before data.rename_map maps those onto the policy's: the
+    # client reads a copy of its dataset with the cameras renamed (convert.renamed_copy; hard links)
+    rename_map: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -849,6 +852,13 @@ def parse_faults(text: str) -> list[tuple[str, int, int]]:
 
 def _check_source(c: ClientConfig, key: str, need: Any) -> None:
     need(bool(c.name), f"{key}.name must not be empty")
+    cameras = [*c.rename_map, *c.rename_map.values()]
+    need(
+        all(k.startswith("observation.images.") for k in cameras),
+        f"{key}.rename_map: camera keys (observation.images.<name>) on both sides, got {c.rename_map}",
+    )
+    targets = list(c.rename_map.values())
+    need(len(set(targets)) == len(targets), f"{key}.rename_map: two cameras renamed to one key: {c.rename_map}")
     need(c.source in SOURCES, f"{key}.source: unknown source {c.source!r} (choose {', '.join(SOURCES)})")
     if c.source == "hub":
         need(

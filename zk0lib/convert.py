@@ -95,6 +95,92 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+RENAMED = "zk0_renamed.json"  # in a renamed copy: its source and the camera map
+
+
+def renamed_copy(cache_dir: Path, name: str, root: Path, mapping: dict[str, str]) -> Path:
+    """A client's dataset with its camera keys renamed (`data.clients.N.rename_map`), so that owners who named
+    the same camera differently line up before the federation-wide map meets the policy. The copy (under
+    data_cache/renamed/, made once, keyed by the source's files and the map) hard-links the frames and the
+    videos and rewrites only what names the cameras: meta/info.json's features, meta/stats.json, the
+    columns of meta/episodes, the folders under videos/. The source is left as it is."""
+    from zk0lib.sources import dataset_key
+
+    root = Path(root)
+    mapping = {k: v for k, v in mapping.items() if k != v}
+    if not mapping:
+        return root
+    info = json.loads((root / "meta" / "info.json").read_text())
+    features = info["features"]
+    cameras = [k for k, f in features.items() if f.get("dtype") in ("video", "image")]
+    unknown = [k for k in mapping if k not in features]
+    if unknown:
+        raise ValueError(
+            f"client {name!r}: rename_map names {unknown}, which dataset {root} does not have; its cameras are "
+            f"{cameras}"
+        )
+    images = [k for k in mapping if features[k].get("dtype") != "video"]
+    if images:
+        raise ValueError(
+            f"client {name!r}: rename_map can rename video cameras only; {images} are stored as "
+            f"{features[images[0]].get('dtype')!r} (map them with data.rename_map instead)"
+        )
+    kept = set(features) - set(mapping)
+    clash = sorted(set(mapping.values()) & kept)
+    if clash:
+        raise ValueError(f"client {name!r}: rename_map renames a camera to {clash}, which the dataset already has")
+    digest = hashlib.sha256((dataset_key(root) + json.dumps(mapping, sort_keys=True)).encode()).hexdigest()[:12]
+    dest = Path(cache_dir) / "renamed" / f"{name}-{digest}"
+    if (dest / RENAMED).exists():
+        return dest
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _link_copy(root, tmp)
+    for old, new in mapping.items():
+        if (tmp / "videos" / old).exists():
+            (tmp / "videos" / old).rename(tmp / "videos" / new)
+    info["features"] = {mapping.get(k, k): v for k, v in features.items()}
+    _rewrite_text(tmp / "meta" / "info.json", json.dumps(info, indent=4))
+    stats = tmp / "meta" / "stats.json"
+    if stats.exists():
+        _rewrite_text(stats, json.dumps({mapping.get(k, k): v for k, v in json.loads(stats.read_text()).items()}))
+    _rename_episode_columns(tmp / "meta" / "episodes", mapping)
+    (tmp / RENAMED).unlink(missing_ok=True)  # a renamed source's own record, hard-linked
+    (tmp / RENAMED).write_text(json.dumps({"source": str(root), "rename_map": mapping}, indent=2))
+    try:
+        os.replace(tmp, dest)
+    except OSError:  # another process made it first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (dest / RENAMED).exists():
+            raise
+    return dest
+
+
+def _rewrite_text(path: Path, text: str) -> None:
+    """A new file in place of a hard link: the source's own file stays as it is (never write through one)."""
+    path.unlink()
+    path.write_text(text)
+
+
+def _rename_episode_columns(folder: Path, mapping: dict[str, str]) -> None:
+    """meta/episodes' per-camera columns (videos/<key>/..., stats/<key>/...) under the new keys."""
+    import pyarrow.parquet as pq
+
+    def renamed(column: str) -> str:
+        kind, _, rest = column.partition("/")
+        for old, new in mapping.items():
+            if kind in ("videos", "stats") and rest.startswith(old + "/"):
+                return f"{kind}/{new}/{rest[len(old) + 1 :]}"
+        return column
+
+    for path in sorted(folder.rglob("*.parquet")):
+        table = pq.read_table(path)
+        table = table.rename_columns([renamed(c) for c in table.column_names])
+        path.unlink()
+        pq.write_table(table, path)
+
+
 def _link_copy(source: Path, dest: Path) -> None:
     """A copy of a dataset folder that costs no space where it can: hard links (the converter only reads the
     files and renames the folder), real copies across file systems."""

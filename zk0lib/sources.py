@@ -13,12 +13,18 @@ from zk0lib.synth import SyntheticSpec, ensure_synthetic_dataset
 
 def dataset_location(cfg: ExperimentConfig, client: ClientConfig, progress=None) -> tuple[str, Path | None]:
     """(repo_id, root) of the dataset a client trains on: its source, or with data.repair the repaired
-    copy zk0 made of it (`zk0 validate --repair`, or before training)."""
+    copy zk0 made of it (`zk0 validate --repair`, or before training); with the client's own rename_map,
+    a copy with its cameras renamed (convert.renamed_copy)."""
     repo_id, root = source_location(cfg, client, progress)
     if cfg.data.repair:
         fixed = repaired_root(cfg.cache_dir, client.name, root if root is not None else hub_root(repo_id))
         if (fixed / "meta" / "info.json").exists():
-            return repo_id, fixed
+            root = fixed
+    here = root if root is not None else hub_root(repo_id)
+    if client.rename_map and (here / "meta" / "info.json").exists():  # else: opening it says what is missing
+        from zk0lib.convert import renamed_copy
+
+        root = renamed_copy(cfg.cache_dir, client.name, here, client.rename_map)
     return repo_id, root
 
 
