@@ -169,7 +169,9 @@ def test_an_owner_whose_cameras_are_named_otherwise_joins_through_its_own_rename
     ours, theirs = data.train_stats(owner), data.train_stats(clients[1])
     for camera in b.meta.video_keys:
         np.testing.assert_array_equal(ours[camera]["mean"], theirs[camera]["mean"])
-    assert data.open_client(mapped, 1).root == owner.root  # made once
+    stamp = (owner.root / convert.RENAMED).stat().st_mtime_ns
+    assert data.open_client(mapped, 1).root == owner.root  # made once: a second use reads the same copy
+    assert (owner.root / convert.RENAMED).stat().st_mtime_ns == stamp
 
     record = baselines.run_baseline("centralized", mapped, progress=None).record
     assert record.summary()["status"] == "completed" and set(record.summary()["clients"]) == {"synth-0", "synth-1"}

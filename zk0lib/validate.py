@@ -411,18 +411,19 @@ def _check_videos(files: DatasetFiles, add: Any, decode: str, fraction: float, s
         return 0
     from lerobot.datasets.video_utils import decode_video_frames
 
+    from zk0lib.sim.record import RECORD_INFO
+
     rng = np.random.default_rng(seed)
     ts_all = files.table["timestamp"].to_numpy().astype(np.float64)
     fi_all = files.table["frame_index"].to_numpy()
     tol = max(1e-4, 0.01 / files.fps)
     decoded = 0
     episodes = {int(r["episode_index"]): r for r in files.episodes.to_dict("records")}
-    from zk0lib.sim.record import RECORD_INFO
-
-    # a simulated lab's cameras are rendered: no noise, so a view that holds still (the wrist camera while
+    # A simulated lab's cameras are rendered: no noise, so a view that holds still (the wrist camera while
     # the arm carries the cube over the plain table) repeats its frame exactly, as only a stalled stream
-    # does on a real camera, whose sensor noise changes every frame; they are not judged for stalls
-    rendered = (files.root / RECORD_INFO).exists()
+    # does on a real camera, whose sensor noise changes every frame. They are not judged for stalls, and
+    # their frames are not compared.
+    judge_stalls = decode == "full" and not (files.root / RECORD_INFO).exists()
     for ep, rows in _episode_rows(files):
         picks = np.arange(len(rows))
         if decode == "sample" and len(rows) > 2:
@@ -452,13 +453,13 @@ def _check_videos(files: DatasetFiles, add: Any, decode: str, fraction: float, s
             start = float(meta[f"videos/{key}/from_timestamp"])
             failed: list[int] = []
             first_error = ""
-            change = np.full(len(rows), np.inf)  # mean |frame - previous frame| (full decode only)
+            change = np.full(len(rows), np.inf)  # mean |frame - previous frame| (judge_stalls only)
             previous = None
             for chunk in np.array_split(picks, max(1, math.ceil(len(picks) / 64))):
                 stamps = [float(start + ts_all[rows[i]]) for i in chunk]
                 try:
                     frames = decode_video_frames(path, stamps, tol, backend)
-                    if decode == "full":  # the frozen-camera check compares each frame with the one before
+                    if judge_stalls:  # the frozen-camera check compares each frame with the one before
                         frames = frames.float()
                         joined = frames if previous is None else torch.cat([previous, frames])
                         steps = (joined[1:] - joined[:-1]).abs().flatten(1).mean(1).numpy()
@@ -473,7 +474,7 @@ def _check_videos(files: DatasetFiles, add: Any, decode: str, fraction: float, s
                             failed.append(int(fi_all[rows[i]]))
                             first_error = first_error or f"{type(e).__name__}: {str(e).splitlines()[-1][:160]}"
                 decoded += len(chunk)
-            if decode == "full" and not failed and not rendered:
+            if judge_stalls and not failed:
                 _check_frozen(files, add, ep, key, rows, change)
             if failed:
                 add(
