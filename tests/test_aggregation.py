@@ -23,7 +23,7 @@ from zk0lib import train
 from zk0lib.config import ConfigError, load_config
 from zk0lib.fl import client_app, privacy, transport
 from zk0lib.fl.server_app import FederatedServer, RoundData
-from zk0lib.fl.strategy import make_strategy, round_configs, update_weight
+from zk0lib.fl.strategy import make_strategy, restore_strategy, round_configs, strategy_state, update_weight
 from zk0lib.runs import RunRecord
 
 
@@ -133,6 +133,27 @@ def test_fedadam_takes_one_bias_corrected_adam_step_on_the_mean_update():
         m, v = (1 - b1) * delta, (1 - b2) * delta**2
         expected = global_w[k] + eta_norm * m / (v.sqrt() + tau)
         torch.testing.assert_close(out[k], expected, rtol=0, atol=1e-5)
+
+
+def test_fedavgm_steps_with_server_momentum_and_a_resumed_strategy_keeps_it():
+    lr, beta = 1.5, 0.9
+    cfg = _cfg(2, strategy="fedavgm", server_lr=lr, server_momentum=beta)
+    w0 = _weights(0)
+    local1, local2 = {i: _weights(i + 1) for i in range(2)}, {i: _weights(i + 11) for i in range(2)}
+    strategy = make_strategy(cfg)
+    w1, _, _ = _round(cfg, local1, {0: 1, 1: 1}, w0, strategy=strategy, server_round=1)
+    pg1 = {k: w0[k] - (local1[0][k] + local1[1][k]) / 2 for k in w0}
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k] - lr * pg1[k], rtol=0, atol=1e-5)
+    resumed = make_strategy(cfg)  # a resumed run: a fresh strategy given the saved state
+    restore_strategy(resumed, copy.deepcopy(strategy_state(strategy)))
+    for s in (strategy, resumed):
+        w2, _, _ = _round(cfg, local2, {0: 1, 1: 1}, w1, strategy=s, server_round=2)
+        for k in w0:
+            pg2 = w1[k] - (local2[0][k] + local2[1][k]) / 2
+            torch.testing.assert_close(w2[k], w1[k] - lr * (beta * pg1[k] + pg2), rtol=0, atol=1e-5)
+    assert make_strategy(_cfg(2, strategy="fedadam")).eta == 1e-3  # server_lr's default is the strategy's own
+    assert make_strategy(_cfg(2, strategy="fedavgm")).server_learning_rate == 1.0
 
 
 @pytest.mark.parametrize(("strategy", "mu"), [("fedavg", None), ("fedadam", None), ("fedprox", 0.01)])

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
 WEIGHTINGS = ("frames", "uniform")  # how client updates are weighted in the mean (see FLConfig.weighting)
 TRANSPORT_DTYPES = ("float32", "bfloat16")
 SOURCES = ("hub", "local", "synthetic", "sim")
@@ -292,7 +292,8 @@ class FLConfig:
     min_evaluate_clients: int = 0
     min_available_clients: int = 0
     transport_dtype: str = "float32"
-    server_lr: float = 1e-3  # fedadam/fedyogi server learning rate (eta)
+    server_lr: float | None = None  # server learning rate: fedadam/fedyogi's eta (None: 1e-3), fedavgm's (None: 1)
+    server_momentum: float = 0.9  # fedavgm: the server's momentum on the mean update (Hsu et al. 2019)
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 1e-3
@@ -333,7 +334,8 @@ class FLConfig:
             f.transport_dtype in TRANSPORT_DTYPES,
             f"fl.transport_dtype: {' or '.join(TRANSPORT_DTYPES)}, got {f.transport_dtype!r}",
         )
-        p.need(f.server_lr > 0, f"fl.server_lr must be > 0 (got {f.server_lr})")
+        p.need(f.server_lr is None or f.server_lr > 0, f"fl.server_lr must be > 0 (got {f.server_lr})")
+        p.need(0 <= f.server_momentum < 1, f"fl.server_momentum must be in [0, 1) (got {f.server_momentum})")
         p.need(0 <= f.server_beta1 < 1 and 0 <= f.server_beta2 < 1, "fl.server_beta1/fl.server_beta2 must be in [0, 1)")
         p.need(f.server_tau > 0, f"fl.server_tau must be > 0 (got {f.server_tau})")
         p.need(f.round_timeout_s > 0, f"fl.round_timeout_s must be > 0 (got {f.round_timeout_s})")

@@ -13,13 +13,16 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, FedYogi
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from zk0lib import train
 from zk0lib.config import ExperimentConfig
 
-STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
-_STATE = ("m_t", "v_t")  # FedAdam/FedYogi server moments (FedOpt); FedAvg and FedProx keep none
+STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam": FedAdam, "fedyogi": FedYogi}
+# the server state a resumed run restores: FedAdam/FedYogi's moments (FedOpt; dicts by array name) and FedAvgM's
+# momentum (a list in the global weights' order); FedAvg and FedProx keep none. FedAvgM's `current_arrays` and
+# FedOpt's are the global weights, which resume restores and configure_train hands them.
+_STATE = ("m_t", "v_t", "momentum_vector")
 
 
 def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -48,9 +51,11 @@ def make_strategy(cfg: ExperimentConfig) -> Any:
     }
     if f.strategy == "fedprox":
         kwargs["proximal_mu"] = f.proximal_mu
+    if f.strategy == "fedavgm":
+        kwargs |= {"server_learning_rate": f.server_lr or 1.0, "server_momentum": f.server_momentum}
     if f.strategy in ("fedadam", "fedyogi"):
         kwargs |= {
-            "eta": f.server_lr,
+            "eta": f.server_lr or 1e-3,
             "eta_l": cfg.train.lr or 1e-4,
             "beta_1": f.server_beta1,
             "beta_2": f.server_beta2,
@@ -92,9 +97,14 @@ class PartitionOrder:
 
 
 def strategy_state(strategy: Any) -> dict[str, dict[str, np.ndarray]]:
-    return {name: dict(getattr(strategy, name)) for name in _STATE if getattr(strategy, name, None)}
+    state = {}
+    for name in _STATE:
+        value = getattr(strategy, name, None)
+        if value is not None:
+            state[name] = dict(value) if isinstance(value, dict) else {f"{i:06d}": v for i, v in enumerate(value)}
+    return state
 
 
 def restore_strategy(strategy: Any, state: dict[str, dict[str, np.ndarray]]) -> None:
     for name, values in state.items():
-        setattr(strategy, name, values)
+        setattr(strategy, name, [values[k] for k in sorted(values)] if name == "momentum_vector" else values)
