@@ -21,6 +21,7 @@ SHARED_RUN_FILES = {
     "test_baselines.py": "smoke-run",
     "test_federation.py": "smoke-run",
     "test_page.py": "smoke-run",
+    "test_membership.py": "smoke-run",
     "test_deploy.py": "sweep",
     "test_notebooks.py": "sweep",
 }

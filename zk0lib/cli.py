@@ -536,6 +536,27 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from zk0lib.env import quiet
+    from zk0lib.membership import audit, describe
+
+    quiet()
+    reference = None if args.reference == "none" else args.reference
+    for run_dir in args.run_dir:
+        result = audit(
+            run_dir,
+            members_per_client=args.members,
+            frames_per_episode=args.frames,
+            reference=reference,
+            device=args.device,
+            progress=_indented,
+        )
+        for line in describe(result):
+            print(line, flush=True)
+        print(f"  -> {run_dir}/membership.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zk0", description="Federated fine-tuning of SmolVLA with Flower")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -652,6 +673,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true")
     p.add_argument("--out", help="folder to write (default: <run>/publish/<repo>)")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser(
+        "audit", help="membership inference on a run's final policy: does it leak its training episodes?"
+    )
+    p.add_argument("run_dir", nargs="+", help="run folders (reports/runs/<run-id>)")
+    p.add_argument("--members", type=int, default=20, help="training episodes scored per client (seeded sample)")
+    p.add_argument("--frames", type=int, default=16, help="evenly spaced frames scored per episode")
+    p.add_argument(
+        "--reference",
+        default="pretrained",
+        help="policy that calibrates each episode's difficulty: pretrained (the run's model.pretrained), a saved "
+        "policy folder, or none",
+    )
+    p.add_argument("--device", help="default: the run's model.device")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("base", help="pretrain the tiny SmolVLA base on simulated community labs")
     p.add_argument("--out", help="policy folder to write (default: the shipped zk0lib/assets/tiny-base)")
