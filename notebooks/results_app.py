@@ -113,6 +113,33 @@ def _(chosen, mo, report):
 
 
 @app.cell
+def _(chosen, mo, report):
+    def _privacy():
+        df = report.privacy_frame(chosen)
+        if df.empty or not df[["success_rate", "membership_auc"]].notna().any().any():
+            return mo.md("")
+        return mo.vstack(
+            [
+                mo.md(
+                    "## Privacy: closed-loop success and membership-inference AUC against epsilon "
+                    "(`zk0 audit` measures the AUC; 0.5 is chance)"
+                ),
+                mo.hstack(
+                    [
+                        mo.ui.altair_chart(report.privacy_chart(df, "success_rate")),
+                        mo.ui.altair_chart(report.privacy_chart(df, "membership_auc")),
+                    ],
+                    wrap=True,
+                ),
+                mo.ui.table(df, selection=None),
+            ]
+        )
+
+    _privacy()
+    return
+
+
+@app.cell
 def _(chosen, label, mo, report):
     def _per_run():
         items = {}

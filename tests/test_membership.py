@@ -56,6 +56,13 @@ def test_audit_of_the_smoke_run_scores_members_and_non_members_on_the_same_frame
     assert any("non-members" in line for line in lines)
     text = "\n".join(membership.describe(result))
     assert "loss attack: AUC" in text and "calibrated by" in text
+    # the results table, notebook 04 and the app read it from the summary
+    from zk0lib import report
+
+    assert report.runs_table(tmp_path).set_index("run_id").loc["e2e-smoke", "membership_auc"] == result["auc"]
+    frame = report.privacy_frame([RunRecord(run_dir)])
+    assert frame.loc[0, "budget"] == "no DP" and frame.loc[0, "membership_lo"] == result["auc_ci"][0]
+    assert "membership_auc" in report.privacy_chart(frame, "membership_auc").to_json()
     # no reference that is a saved policy (the smoke run starts from random weights): the plain attack only
     plain = membership.audit(run_dir, members_per_client=3, frames_per_episode=4)
     assert plain["auc"] == result["auc"] and "auc_calibrated" not in plain and "reference_note" in plain

@@ -121,6 +121,8 @@ def run_row(run: RunRecord) -> dict[str, Any]:
     start = (summary.get("start_rollout") or {}).get("clients") or {}
     per_round = bytes_per_round(run.rounds())
     kind = raw.get("kind", "federated")
+    membership = summary.get("membership") or {}  # `zk0 audit`
+    privacy = summary.get("privacy") or {}
     federated = kind == "federated"  # strategy, mu and transport mean nothing for the baselines: left empty
     return {
         "run_id": run.run_id,
@@ -146,6 +148,9 @@ def run_row(run: RunRecord) -> dict[str, Any]:
         "success_ci": _ci(rollout.get("success_ci")),
         "round0_success_rate": start.get("success_rate"),
         "round0_success_ci": _ci(start.get("success_ci")),
+        "epsilon": privacy.get("epsilon"),
+        "membership_auc": membership.get("auc"),
+        "membership_auc_ci": _ci(membership.get("auc_ci")),
         "mb_per_round": per_round / 2**20,
         "wall_min": (summary.get("wall_seconds") or 0) / 60,
         "started_at": summary.get("started_at"),
@@ -312,6 +317,56 @@ def compare_chart(df: pd.DataFrame, metric: str = "loss"):
             tooltip=["run_id", "kind", "round", alt.Tooltip(f"{metric}:Q", format=".4g")],
         )
         .properties(width=480, height=280, title=f"mean held-out {metric} per round")
+    )
+
+
+def privacy_frame(runs: list[RunRecord]) -> pd.DataFrame:
+    """What a privacy budget costs and what it hides, one row per run: epsilon (None without DP), the final
+    held-out loss, closed-loop success and the membership-inference AUC (`zk0 audit`), with their intervals."""
+    rows = []
+    for run in runs:
+        s = run.summary()
+        rollout = (s.get("final_rollout") or {}).get("clients") or {}
+        member = s.get("membership") or {}
+        eps = (s.get("privacy") or {}).get("epsilon")
+        lo, hi = rollout.get("success_ci") or (None, None)
+        auc_lo, auc_hi = member.get("auc_ci") or (None, None)
+        rows.append(
+            {
+                "run_id": run.run_id,
+                "budget": "no DP" if eps is None else f"epsilon {eps:.3g}",
+                "epsilon": eps,
+                "final_loss": (s.get("final") or {}).get("loss"),
+                "success_rate": rollout.get("success_rate"),
+                "success_lo": lo,
+                "success_hi": hi,
+                "membership_auc": member.get("auc"),
+                "membership_lo": auc_lo,
+                "membership_hi": auc_hi,
+            }
+        )
+    df = pd.DataFrame(rows)
+    return df.sort_values("epsilon", na_position="last").reset_index(drop=True) if rows else df
+
+
+def privacy_chart(df: pd.DataFrame, metric: str = "success_rate"):
+    """Closed-loop success (`success_rate`) or the membership-inference AUC (`membership_auc`) against the
+    privacy budget (smaller epsilon: more private), each run a point with its 95% interval; runs without DP on
+    the right."""
+    alt = _alt()
+    lo, hi, title = {
+        "success_rate": ("success_lo", "success_hi", "closed-loop success"),
+        "membership_auc": ("membership_lo", "membership_hi", "membership-inference AUC (0.5: chance)"),
+    }[metric]
+    shown = df.dropna(subset=[metric])
+    base = alt.Chart(shown).encode(x=alt.X("budget:N", sort=list(dict.fromkeys(df["budget"])), title=None))
+    points = base.mark_point(filled=True, size=60).encode(
+        y=alt.Y(f"{metric}:Q", scale=alt.Scale(domain=[0, 1]), title=title),
+        color="run_id:N",
+        tooltip=["run_id", "budget", alt.Tooltip(f"{metric}:Q", format=".3f")],
+    )
+    return (base.mark_rule().encode(y=f"{lo}:Q", y2=f"{hi}:Q", color="run_id:N") + points).properties(
+        width=300, height=220
     )
 
 
