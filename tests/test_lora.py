@@ -132,6 +132,18 @@ def test_federated_lora_exchanges_only_adapters(zk0_cli, home, clients, stats):
     merged = adapted.merge_and_unload().state_dict()
     for k, v in reloaded.policy.state_dict().items():  # saved merged = pretrained base + the saved adapter
         np.testing.assert_allclose(v.numpy(), merged[k].numpy(), rtol=1e-6, atol=1e-6)
+    # what `zk0 publish` uploads: the card says what the adapter is, and its own loading recipe works
+    from zk0lib.hub import prepare_folder
+
+    folder = prepare_folder(run.path, "owner/zk0-lora")
+    card = (folder / "README.md").read_text()
+    assert "## LoRA adapter" in card and "rank 4" in card and f"{adapters:,} trainable parameters" in card
+    assert 'PeftModel.from_pretrained(base, "owner/zk0-lora", subfolder="adapter")' in card and "- lora" in card
+    again = PeftModel.from_pretrained(
+        model.build_policy(plain, clients[0].meta, stats).policy, str(folder), subfolder="adapter"
+    )
+    for k, v in again.merge_and_unload().state_dict().items():
+        np.testing.assert_allclose(v.numpy(), merged[k].numpy(), rtol=1e-6, atol=1e-6)
 
 
 def test_a_stopped_run_resumes_to_the_uninterrupted_result(zk0_cli, home):

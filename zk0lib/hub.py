@@ -52,7 +52,8 @@ def model_card(run: RunRecord, repo_id: str, checkpoint: str) -> Any:
         license="apache-2.0",
         library_name="lerobot",
         pipeline_tag="robotics",
-        tags=["lerobot", "smolvla", "robotics", "federated-learning", "flower", "zk0"],
+        tags=["lerobot", "smolvla", "robotics", "federated-learning", "flower", "zk0"]
+        + (["lora", "peft"] if cfg.model.peft.method == "lora" else []),
         datasets=hub_datasets or None,
         base_model=None if tiny else cfg.model.pretrained,
         model_name=repo_id,
@@ -152,6 +153,7 @@ def model_card(run: RunRecord, repo_id: str, checkpoint: str) -> Any:
         "The normalization stats in the processors are the federation's: lerobot's count-weighted merge of the "
         "clients' dataset stats.",
         "",
+        *_adapter_section(cfg, summary, repo_id, base, tiny),
         "## Limitations",
         "",
         "Numbers above are what this run measured, on the clients' own held-out episodes (and simulated labs when "
@@ -165,6 +167,38 @@ def model_card(run: RunRecord, repo_id: str, checkpoint: str) -> Any:
         "`zk0_run/` holds the run's config (with package versions and commit), per-round metrics and summary.",
     ]
     return ModelCard("\n".join(lines))
+
+
+def _adapter_section(cfg: Any, summary: dict[str, Any], repo_id: str, base: str, tiny: bool) -> list[str]:
+    """For a LoRA run: what the adapter is, that it alone travelled, and how to apply it to its base."""
+    peft = cfg.model.peft
+    if peft.method != "lora":
+        return []
+    targets = peft.target_modules or "SmolVLA's default PEFT targets (lerobot)"
+    load = (
+        "the same base (its folder, as `zk0 base` writes it)"
+        if tiny
+        else f'`SmolVLAPolicy.from_pretrained("{cfg.model.pretrained}")`'
+    )
+    return [
+        "## LoRA adapter",
+        "",
+        f"This policy is {base} with LoRA adapters (rank {peft.r}, alpha {peft.alpha or 'peft default, 8'}, "
+        f"targets: {targets}"
+        + (f"; trained in full: {peft.full_training_modules}" if peft.full_training_modules else "")
+        + f"), {_count(summary, 'trainable')} trainable parameters: the only weights the owners trained and "
+        "exchanged. The folder's weights are the base with the adapters merged in (loaded as above); `adapter/` "
+        "holds the adapter alone, in PEFT's format, to apply to the base:",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from lerobot.policies.smolvla.modeling_smolvla import SmolVLAPolicy",
+        "",
+        f"base = ...  # {load}",
+        f'policy = PeftModel.from_pretrained(base, "{repo_id}", subfolder="adapter")',
+        "```",
+        "",
+    ]
 
 
 def prepare_folder(run_dir: str | Path, repo_id: str, out: str | Path | None = None, checkpoint: str = "final") -> Path:
