@@ -64,8 +64,8 @@ def test_audit_of_the_smoke_run_scores_members_and_non_members_on_the_same_frame
     assert frame.loc[0, "budget"] == "no DP" and frame.loc[0, "membership_lo"] == result["auc_ci"][0]
     assert "membership_auc" in report.privacy_chart(frame, "membership_auc").to_json()
     # no reference that is a saved policy (the smoke run starts from random weights): the plain attack only
-    plain = membership.audit(run_dir, members_per_client=3, frames_per_episode=4)
-    assert plain["auc"] == result["auc"] and "auc_calibrated" not in plain and "reference_note" in plain
+    plain = membership.audit(run_dir, members_per_client=1, frames_per_episode=2)
+    assert plain["members"] == len(cfg.data.clients) and "auc_calibrated" not in plain and "reference_note" in plain
 
 
 def test_audit_refuses_what_it_cannot_audit(smoke_run, home, tmp_path):
