@@ -75,3 +75,8 @@ def test_audit_refuses_what_it_cannot_audit(smoke_run, home, tmp_path):
     shutil.copytree(home / "reports" / "runs" / "e2e-smoke", run_dir, ignore=shutil.ignore_patterns("checkpoints"))
     with pytest.raises(ConfigError, match="did not finish"):
         membership.audit(run_dir)
+    local = tmp_path / "local"
+    shutil.copytree(home / "reports" / "runs" / "e2e-smoke", local)
+    RunRecord(local).update_summary(kind="local-only")  # as `zk0 baseline local-only` records it
+    with pytest.raises(ConfigError, match="local-only run has one model per owner"):
+        membership.audit(local)

@@ -25,7 +25,7 @@ import numpy as np
 
 from zk0lib import data, evaluation, model
 from zk0lib.config import ConfigError, resolve_pretrained
-from zk0lib.runs import RunRecord, is_run_folder, read_json, utc_now, write_json
+from zk0lib.runs import RunRecord, is_run_folder, utc_now, write_json
 
 
 def stratified_auc(groups: list[tuple[np.ndarray, np.ndarray]]) -> float:
@@ -65,6 +65,9 @@ def _episode_losses(
     return {int(k): v for k, v in result["episode_loss"].items()}
 
 
+_SUMMARY_KEYS = ("auc", "auc_ci", "auc_calibrated", "auc_calibrated_ci", "members", "non_members", "reference")
+
+
 def audit(
     run_path: str | Path,
     members_per_client: int = 20,
@@ -82,9 +85,11 @@ def audit(
     run_path = Path(run_path)
     if not is_run_folder(run_path):
         raise ConfigError(f"{run_path}: not a run folder (config.json and summary.json); give reports/runs/<run-id>")
+    if members_per_client < 1 or frames_per_episode < 1:
+        raise ConfigError("membership audit: members_per_client and frames_per_episode must be >= 1")
     run = RunRecord(run_path)
-    kind = _run_kind(run)
-    if kind == "local_only":
+    summary = run.summary()
+    if summary.get("kind") == "local-only":
         raise ConfigError(
             f"{run_path}: a local-only run has one model per owner and no shared model to audit; audit a federated "
             "or centralized run"
@@ -92,8 +97,6 @@ def audit(
     final = run.checkpoint("final")
     if not (final / "config.json").is_file():
         raise ConfigError(f"{run_path}: no final policy at {final} (the run did not finish); finish or resume it first")
-    if members_per_client < 1 or frames_per_episode < 1:
-        raise ConfigError("membership audit: members_per_client and frames_per_episode must be >= 1")
     cfg = run.config()
     dev = device or cfg.model.device
     bundles = {"policy": model.load_policy(final, device=dev)}
@@ -153,7 +156,7 @@ def audit(
         "members": sum(len(m) for m, _ in loss_groups),
         "non_members": sum(len(o) for _, o in loss_groups),
         "frames_per_episode": frames_per_episode,
-        "privacy": _privacy_of(run, cfg),
+        "privacy": _privacy_of(summary, cfg),
         "clients": clients,
         "created_at": utc_now(),
     }
@@ -170,20 +173,11 @@ def audit(
     return result
 
 
-_SUMMARY_KEYS = ("auc", "auc_ci", "auc_calibrated", "auc_calibrated_ci", "members", "non_members", "reference")
-
-
-def _run_kind(run: RunRecord) -> str:
-    return str(read_json(run.path / "config.json").get("kind", "federated"))
-
-
-def _privacy_of(run: RunRecord, cfg: Any) -> dict[str, Any]:
+def _privacy_of(summary: dict[str, Any], cfg: Any) -> dict[str, Any]:
     """The run's differential privacy as its summary recorded it (mode off when it had none)."""
-    recorded = run.summary().get("privacy") or {}
-    return {
-        "mode": cfg.privacy.mode,
-        **{k: recorded[k] for k in ("epsilon", "delta", "noise_multiplier", "noise_std") if k in recorded},
-    }
+    recorded = summary.get("privacy") or {}
+    keys = ("epsilon", "delta", "noise_multiplier", "noise_std")
+    return {"mode": cfg.privacy.mode, **{k: recorded[k] for k in keys if k in recorded}}
 
 
 def describe(result: dict[str, Any]) -> list[str]:

@@ -23,6 +23,7 @@ STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedavgm": FedAvgM, "fedadam
 # momentum (a list in the global weights' order); FedAvg and FedProx keep none. FedAvgM's `current_arrays` and
 # FedOpt's are the global weights, which resume restores and configure_train hands them.
 _STATE = ("m_t", "v_t", "momentum_vector")
+_LISTS = {"momentum_vector"}  # saved as a dict keyed by position
 
 
 def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
@@ -101,10 +102,10 @@ def strategy_state(strategy: Any) -> dict[str, dict[str, np.ndarray]]:
     for name in _STATE:
         value = getattr(strategy, name, None)
         if value is not None:
-            state[name] = dict(value) if isinstance(value, dict) else {f"{i:06d}": v for i, v in enumerate(value)}
+            state[name] = {f"{i:06d}": v for i, v in enumerate(value)} if name in _LISTS else dict(value)
     return state
 
 
 def restore_strategy(strategy: Any, state: dict[str, dict[str, np.ndarray]]) -> None:
     for name, values in state.items():
-        setattr(strategy, name, [values[k] for k in sorted(values)] if name == "momentum_vector" else values)
+        setattr(strategy, name, [values[k] for k in sorted(values)] if name in _LISTS else values)
