@@ -236,6 +236,42 @@ def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(reco
     assert head.captured["estimate"].shape == (16, 6)
     assert torch.equal(before[:, :-1], after[:, :-1]) and not torch.allclose(before[:, -1], after[:, -1])
 
+    # train.teacher_forcing: the chosen samples' state token carries the recorded positions, not the estimate
+    with pytest.raises(ConfigError, match="train.teacher_forcing must be in"):
+        load_config("demo", {**overrides, "train.teacher_forcing": 1.5})
+    with pytest.raises(ConfigError, match="needs model.estimate_environment_state"):
+        load_config("demo", {**overrides, "train.teacher_forcing": 1.0})
+    truth, chosen = head.recorded(batch)
+    recorded = batch[auxiliary.OBS_ENV_STATE].reshape(16, -1)
+    assert torch.allclose(truth * head.std + head.mean, recorded, atol=1e-5)
+    told = state.clone()
+    told[:, 6:12] = truth
+    with torch.no_grad():
+        answer = inner.state_proj(told)  # the state token, as if the estimate were exactly right
+    for fraction in (1.0, 0.5):
+        head.teacher_forcing = fraction
+        torch.manual_seed(0)
+        truth, chosen = head.recorded(batch)
+        assert int(chosen.sum()) == 16 if fraction == 1 else 0 < int(chosen.sum()) < 16  # (seeded: 16 items)
+        with torch.no_grad():
+            keep_frames()
+            head.captured["truth"] = (truth, chosen)
+            forced = inner.embed_prefix(*args, state=state)[0][:, -1]
+        assert torch.allclose(forced[chosen], answer[chosen], atol=1e-5)
+        assert torch.allclose(forced[~chosen], before[~chosen, -1], atol=1e-5)
+    calls = []
+    recorded_of = head.recorded
+    head.recorded = lambda b: calls.append(policy.training) or recorded_of(b)
+    policy.forward(batch)  # training: the forward hands the recorded positions on
+    policy.eval()
+    with torch.no_grad():
+        policy.forward(batch)  # evaluation reads the estimate alone
+    policy.train()
+    assert calls == [True] and "truth" not in head.captured
+    del head.recorded
+    head.teacher_forcing = 0.0
+    policy.zero_grad()
+
     loss, _ = policy.forward(batch)
     loss.backward()  # the flow-matching loss alone does not train the estimator (its estimate is detached)
     assert all(p.grad is None for p in head.parameters())

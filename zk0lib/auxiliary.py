@@ -108,6 +108,20 @@ class _Estimator(_PositionsHead):
         super().__init__(mean, std)
         self.kind, self.shape = kind, shape
 
+    teacher_forcing = 0.0  # train.teacher_forcing: the fraction of training samples given the recorded positions
+
+    def recorded(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's recorded positions at the current frame, normalized as the estimate, and which samples
+        take them in place of the estimate (each with probability `teacher_forcing`, from torch's seeded RNG)."""
+        if OBS_ENV_STATE not in batch:
+            raise ValueError(f"train.teacher_forcing: the batch has no {OBS_ENV_STATE} (zk0's sim recordings have it)")
+        target = batch[OBS_ENV_STATE]
+        target = target[:, -1] if target.dim() == 3 else target
+        truth = (target.float().to(self.mean.device) - self.mean) / self.std
+        if self.teacher_forcing >= 1:
+            return truth, torch.ones(truth.shape[0], dtype=torch.bool, device=truth.device)
+        return truth, torch.rand(truth.shape[0], device=truth.device) < self.teacher_forcing
+
     def _add_mlp(self) -> None:
         """The MLP, made after the readout's own layers (the seeded initialization's order)."""
         s, hidden = self.shape, self.shape["hidden"]
@@ -275,23 +289,29 @@ def _attach_estimator(policy: Any, head: Any, weight: float, state_size: int) ->
         head.captured["estimate"] = estimate
         filled = state.clone()
         filled[:, state_size:size] = estimate.detach().to(state.dtype)
+        truth = head.captured.pop("truth", None)  # train.teacher_forcing: the recording's positions instead
+        if truth is not None:
+            filled[:, state_size:size] = torch.where(
+                truth[1][:, None], truth[0].to(state.dtype), filled[:, state_size:size]
+            )
         proj = inner.state_proj
         state_emb = proj(filled.to(proj.weight.dtype)).to(embs.dtype)
         return torch.cat([embs[:, :-1], state_emb[:, None]], dim=1), pad_masks, att_masks
 
     inner.embed_prefix = embed_prefix
-    if head.kind == "pixels":
-        from zk0lib.cache import embedding_key
+    from zk0lib.cache import embedding_key
 
-        forward, keys = policy.forward, list(policy.config.image_features)
-        embedded = [embedding_key(k) for k in keys]
+    forward, keys = policy.forward, list(policy.config.image_features)
+    embedded = [embedding_key(k) for k in keys]
 
-        def forward_keeping_frames(batch: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-            if all(k in batch for k in keys) and any(k in batch for k in embedded):
-                head.captured["pixels"] = type(policy).prepare_images(policy, batch)[0]  # lerobot's own preparation
-            return forward(batch, *args, **kwargs)
+    def forward_keeping_frames(batch: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        if head.kind == "pixels" and all(k in batch for k in keys) and any(k in batch for k in embedded):
+            head.captured["pixels"] = type(policy).prepare_images(policy, batch)[0]  # lerobot's own preparation
+        if policy.training and head.teacher_forcing > 0:
+            head.captured["truth"] = head.recorded(batch)
+        return forward(batch, *args, **kwargs)
 
-        policy.forward = forward_keeping_frames
+    policy.forward = forward_keeping_frames
     setattr(policy, HEAD, head)
     return head
 

@@ -236,6 +236,10 @@ class TrainConfig:
     # weight of an auxiliary loss (zk0lib/auxiliary.py): a head on the VLM's prefix output predicts the sim
     # recording's environment state (cube and target positions), a training target only; 0: off
     aux_environment_state: float = 0.0
+    # with model.estimate_environment_state: the fraction of training samples whose action expert reads the
+    # recording's positions instead of the estimator's (teacher forcing; 1: the expert learns as rung 1 did,
+    # told the answer, and reads the estimate only at inference). 0: always the estimate
+    teacher_forcing: float = 0.0
 
     def problems(self, cfg: ExperimentConfig) -> list[str]:
         """What is wrong with the train section."""
@@ -252,6 +256,12 @@ class TrainConfig:
         p.need(t.num_workers >= 0, f"train.num_workers must be >= 0 (got {t.num_workers})")
         p.need(
             t.aux_environment_state >= 0, f"train.aux_environment_state must be >= 0 (got {t.aux_environment_state})"
+        )
+        p.need(0 <= t.teacher_forcing <= 1, f"train.teacher_forcing must be in [0, 1] (got {t.teacher_forcing})")
+        p.need(
+            t.teacher_forcing == 0 or cfg.model.estimate_environment_state != "none",
+            "train.teacher_forcing replaces the state estimator's estimate in training: it needs "
+            "model.estimate_environment_state=pixels or tokens",
         )
         if cfg.model.estimate_environment_state != "none":
             p.need(

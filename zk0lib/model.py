@@ -369,6 +369,7 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
             kind = cfg.model.estimate_environment_state
             if cfg.model.pretrained == TINY or auxiliary.load_estimator(policy, pc.pretrained_path, w, kind) is None:
                 auxiliary.attach_estimator(policy, stats, w, seed, state_size, kind)
+            auxiliary.estimator_of(policy).teacher_forcing = cfg.train.teacher_forcing
         else:
             auxiliary.attach(policy, stats, w, seed)
     if cfg.model.peft.method == "lora":
