@@ -439,3 +439,119 @@ def test_a_resumed_run_normalizes_with_the_stats_it_started_with(stats):
     kept = resumed.stats_it_started_with(moved)
     assert transport.stats_digest(kept) == transport.stats_digest(started) != transport.stats_digest(moved)
     assert any("differ from those this run started with" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- secure aggregation (SecAgg+)
+
+
+class SecAggGrid(NodeList):
+    """A grid that hands each message to its node's client in process: each node keeps its own Context (where
+    Flower's secaggplus_mod keeps its keys between stages) and gets its own copy of the message, as a real
+    transport would; an exception in a client becomes its error reply. It keeps every reply for inspection."""
+
+    def __init__(self, clients: dict[int, object]):
+        from flwr.app import Context
+
+        super().__init__(list(clients))
+        self.clients = clients
+        self.contexts = {
+            n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in clients
+        }
+        self.replies: list[Message] = []
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Error
+
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            m = copy.deepcopy(m)
+            try:
+                handler, context = self.clients[node], self.contexts[node]  # through the ClientApp's mods, in order
+                reply = client_app.clip_when_asked(
+                    m, context, lambda m2, c2, h=handler: client_app.secagg_when_asked(m2, c2, h)
+                )
+            except Exception as e:  # noqa: BLE001 - what a ClientApp's runtime does with a handler's exception
+                reply = Message(Error(code=0, reason=str(e)), reply_to=m)
+            out.append(reply)
+        self.replies += out
+        return out
+
+
+def _secagg_round(cfg, local, examples, global_w, broken=()):
+    """One SecAgg+ round through the server's secure_round, clients answering with `local` (NaN weights for
+    the partitions in `broken`)."""
+    nodes = [101, 57, 9, 230][: len(cfg.data.clients)]
+
+    def client(pid):
+        def train(m, _context):  # what client_train answers under SecAgg+: fp32 weights in the order received
+            assert m.content["config"][client_app.SECAGG] is True
+            received = transport.decode_arrays(m.content["arrays"])
+            weights = {k: local[pid][k] * (float("nan") if pid in broken else 1.0) for k in received}
+            metrics = MetricRecord(
+                {"num-examples": examples[pid], "partition-id": pid, "samples": 8, "train_loss": 1.0 + pid}
+            )
+            return Message(RecordDict({"arrays": transport.to_numpy_record(weights), "metrics": metrics}), reply_to=m)
+
+        return train
+
+    server = _server(cfg, nodes)
+    server.grid = SecAggGrid({node: client(pid) for pid, node in enumerate(nodes)})
+    server.max_weight = float(max(examples.values()))
+    strategy = make_strategy(cfg)
+    rd = RoundData(1)
+    train_config, _ = round_configs(cfg, "fingerprint")
+    aggregated = server.secure_round(strategy, rd, transport.to_numpy_record(global_w), train_config)
+    return transport.decode_arrays(aggregated), server, rd
+
+
+def test_secaggplus_aggregate_equals_the_plain_one_and_the_server_sees_no_single_update():
+    """privacy.secure_aggregation=secaggplus: Flower's SecAgg+ workflow and mod (keys, shares, masks: all
+    Flower's) between zk0's server and its clients' train handler. The unmasked aggregate is the plain
+    weighted FedAvg mean within the quantization's step; no client's reply carries its weights or update; a
+    client whose update is not finite drops out and the others' mean is still recovered."""
+    cfg = _cfg(3, strategy="fedavg", weighting="frames")
+    cfg.privacy.secure_aggregation = "secaggplus"
+    global_w = _weights(0)
+    local = {i: {k: global_w[k] + 0.1 * (i + 1) * _weights(10 + i)[k] for k in global_w} for i in range(3)}
+    examples = {0: 100, 1: 300, 2: 50}
+    plain, _, _ = _round(_cfg(3, strategy="fedavg", weighting="frames"), local, examples, global_w)
+    secure, server, rd = _secagg_round(cfg, local, examples, global_w)
+    step = 2 * cfg.privacy.secagg_clipping_range / 2**22  # the quantization's resolution
+    for k in global_w:
+        torch.testing.assert_close(secure[k], plain[k], rtol=0, atol=10 * step)
+    masked = [r for r in server.grid.replies if not r.has_error()]
+    assert len(masked) == 4 * 3  # four stages, three clients
+    assert all(sum(len(a.data) for rec in r.content.array_records.values() for a in rec.values()) == 0 for r in masked)
+    assert rd.secagg["exchanges"] == 4 and rd.secagg["bytes_received"] > 0 and rd.bytes_received > 0
+    assert sorted(rd.train) == ["c0", "c1", "c2"] and rd.train["c1"]["weight"] == 300.0
+    assert rd.train["c2"]["train_loss"] == 3.0 and rd.train["c0"]["secagg-clipped-values"] == 0
+
+    cfg.fl.min_train_clients = 2
+    secure, server, rd = _secagg_round(cfg, local, examples, global_w, broken=(1,))
+    expected = {k: (100 * local[0][k] + 50 * local[2][k]) / 150 for k in global_w}
+    for k in global_w:
+        torch.testing.assert_close(secure[k], expected[k], rtol=0, atol=10 * step)
+    assert sorted(rd.train) == ["c0", "c2"] and len(rd.failures) == 1
+    assert rd.failures[0]["client"] == "c1" and "not finite" in rd.failures[0]["reason"]
+    cfg.fl.min_train_clients = 3
+    with pytest.raises(RuntimeError, match="SecAgg\\+ aggregated 2 client updates, fl.min_train_clients=3"):
+        _secagg_round(cfg, local, examples, global_w, broken=(1,))
+
+
+def test_secaggplus_settings_it_cannot_serve_are_refused():
+    base = {"privacy.secure_aggregation": "secaggplus"}
+    load_config("smoke", base)
+    with pytest.raises(ConfigError, match="privacy.secure_aggregation: one of off, secaggplus"):
+        load_config("smoke", {"privacy.secure_aggregation": "secagg"})
+    with pytest.raises(ConfigError, match="not combined yet"):
+        load_config(
+            "smoke",
+            {**base, "privacy.mode": "server-clipping", "fl.weighting": "uniform", "model.pretrained": "base"},
+        )
+    with pytest.raises(ConfigError, match="set fl.transport_dtype=float32"):
+        load_config("smoke", {**base, "fl.transport_dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="needs at least 2 clients a round"):
+        load_config("smoke", {**base, "fl.fraction_train": 0.1})
+    with pytest.raises(ConfigError, match="secagg_threshold must be in"):
+        load_config("smoke", {**base, "privacy.secagg_threshold": 0})

@@ -370,6 +370,7 @@ class FLConfig:
 
 PRIVACY_MODES = ("off", "server-clipping", "client-clipping")
 PRIVACY_STATS = ("pretrained", "clients")
+SECURE_AGGREGATION = ("off", "secaggplus")
 
 
 @dataclass
@@ -390,6 +391,14 @@ class PrivacyConfig:
     # the normalization stats are a release too: pretrained (the pretrained policy's own, from its
     # pretraining data; clients send none) or clients (the exact pooled stats: outside epsilon, recorded so)
     stats: str = "pretrained"
+    # secure aggregation: off, or secaggplus (Flower's SecAgg+, zk0lib/fl/secagg.py: the server learns only the
+    # weighted sum of the updates). Each sampled client shares its keys with secagg_shares of the others
+    # (a fraction; 1: all), secagg_threshold of those shares rebuild a dropped client's masks, and its update
+    # (local - global) is quantized within [-secagg_clipping_range, secagg_clipping_range]
+    secure_aggregation: str = "off"
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.67
+    secagg_clipping_range: float = 8.0
 
     @property
     def on(self) -> bool:
@@ -409,6 +418,35 @@ class PrivacyConfig:
             v.mode in PRIVACY_MODES or v.mode == "adaptive",
             f"privacy.mode: one of {', '.join(PRIVACY_MODES)}, got {v.mode!r}",
         )
+        p.need(
+            v.secure_aggregation in SECURE_AGGREGATION,
+            f"privacy.secure_aggregation: one of {', '.join(SECURE_AGGREGATION)}, got {v.secure_aggregation!r}",
+        )
+        if v.secure_aggregation != "off":
+            p.need(0 < v.secagg_shares <= 1, f"privacy.secagg_shares must be in (0, 1] (got {v.secagg_shares})")
+            p.need(
+                0 < v.secagg_threshold <= 1, f"privacy.secagg_threshold must be in (0, 1] (got {v.secagg_threshold})"
+            )
+            p.need(
+                v.secagg_clipping_range > 0,
+                f"privacy.secagg_clipping_range must be > 0 (got {v.secagg_clipping_range})",
+            )
+            p.need(
+                not v.on,
+                f"privacy.secure_aggregation with privacy.mode={v.mode}: not combined yet (Flower's DP wrappers "
+                "clip and noise the updates one by one, which the server no longer sees): use one of the two",
+            )
+            p.need(
+                cfg.fl.transport_dtype == "float32",
+                "privacy.secure_aggregation: SecAgg+ quantizes fp32 updates, not bf16 deltas: set "
+                "fl.transport_dtype=float32",
+            )
+            n = len(cfg.data.clients)
+            p.need(
+                n == 0 or cfg.fl.sample_size(n) >= 2,
+                f"privacy.secure_aggregation: SecAgg+ needs at least 2 clients a round, this config samples "
+                f"{cfg.fl.sample_size(n) if n else 0} of {n}",
+            )
         if not v.on:
             return p
         p.need(

@@ -22,6 +22,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from zk0lib import data, env, evaluation, model, train
 from zk0lib.config import ExperimentConfig
 from zk0lib.fl.faults import corrupt, injected_fault
+from zk0lib.fl.secagg import FLAG as SECAGG
+from zk0lib.fl.secagg import secagg_when_asked
 from zk0lib.fl.strategy import update_weight
 from zk0lib.fl.transport import (
     STATS_IN_CONFIG,
@@ -146,12 +148,13 @@ def clip_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
     """Flower's fixedclipping_mod on the train messages of a federation whose server asks for client-side
     clipping (privacy.mode=client-clipping: its DP wrapper puts the clipping norm in the config); every
     other message goes through untouched."""
-    if msg.metadata.message_type == MessageType.TRAIN and KEY_CLIPPING_NORM in msg.content["config"]:
+    conf = msg.content.config_records.get("config")  # SecAgg+'s stage messages carry none
+    if msg.metadata.message_type == MessageType.TRAIN and conf is not None and KEY_CLIPPING_NORM in conf:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)
 
 
-client_app = ClientApp(mods=[clip_when_asked])
+client_app = ClientApp(mods=[clip_when_asked, secagg_when_asked])  # secagg: privacy.secure_aggregation
 
 
 @client_app.query()
@@ -222,7 +225,8 @@ def client_train(msg: Message, context: Context) -> Message:
     fault = injected_fault(cfg, partition_id, server_round)
     t_encode = time.perf_counter()
     dtype = cfg.fl.transport_dtype
-    if KEY_CLIPPING_NORM in conf:  # fp32 numpy in the order received: what fixedclipping_mod clips and checks
+    if KEY_CLIPPING_NORM in conf or SECAGG in conf:  # fp32 numpy in the order received: what fixedclipping_mod
+        # clips and checks, and what SecAgg+'s adapter takes the update from
         local_w = model.get_trainable(bundle.policy)
         arrays = to_numpy_record({k: local_w[k] for k in received})
     else:

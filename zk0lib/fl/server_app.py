@@ -36,8 +36,16 @@ from zk0lib.fl.privacy import (
     restore_privacy,
     with_privacy,
 )
+from zk0lib.fl.secagg import one_update_reply, secure_train
 from zk0lib.fl.startup import describe_clients, federation_meta, federation_stats, wait_for_nodes
-from zk0lib.fl.strategy import PartitionOrder, make_strategy, restore_strategy, round_configs, strategy_state
+from zk0lib.fl.strategy import (
+    PartitionOrder,
+    make_strategy,
+    restore_strategy,
+    round_configs,
+    strategy_state,
+    update_weight,
+)
 from zk0lib.fl.transport import (
     STATS_IN_CONFIG,
     config_from_run_config,
@@ -77,6 +85,7 @@ class RoundData:
     decode_seconds: float = 0.0
     train_seconds: float | None = None
     privacy: dict[str, Any] | None = None  # the DP wrapper's clipping, noise and budget after this round
+    secagg: dict[str, Any] | None = None  # SecAgg+'s bytes, exchanges and seconds (privacy.secure_aggregation)
 
 
 class FederatedServer:
@@ -119,6 +128,7 @@ class FederatedServer:
         infos = describe_clients(self.grid, cfg, nodes, first_round=(done or 0) + 1)
         self.names = {i["node"]: i["name"] for i in infos}
         self.partitions = {i["node"]: int(i["partition-id"]) for i in infos}
+        self.max_weight = max(float(update_weight(cfg, int(i["train-frames"]))) for i in infos)
         started["describe_clients"] = time.perf_counter() - t
         t = time.perf_counter()
         self.stats_record, stats_source = federation_stats(cfg, infos)
@@ -178,9 +188,12 @@ class FederatedServer:
         """Train, aggregate, evaluate and record one round (the loop of Flower's Strategy.start), then save
         what a resumed run needs to continue after it."""
         rd = RoundData(server_round)
-        messages = self.train_messages(strategy, rd, arrays, train_config)
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout_s)
-        aggregated = self.aggregate(strategy, rd, replies)
+        if self.cfg.privacy.secure_aggregation != "off":
+            aggregated = self.secure_round(strategy, rd, arrays, train_config)
+        else:
+            messages = self.train_messages(strategy, rd, arrays, train_config)
+            replies = self.grid.send_and_receive(messages, timeout=self.cfg.fl.round_timeout_s)
+            aggregated = self.aggregate(strategy, rd, replies)
         arrays = aggregated if aggregated is not None else arrays
         rd.privacy = privacy_record(strategy)
         self.evaluate_on_clients(strategy, rd, arrays, eval_config)
@@ -229,6 +242,43 @@ class FederatedServer:
             rd.train_nodes = [m.metadata.dst_node_id for m in messages]
         rd.bytes_sent[phase] = payload_bytes(encoded) * len(messages)
         return messages
+
+    def secure_round(self, strategy: Any, rd: RoundData, arrays: ArrayRecord, config: ConfigRecord) -> ArrayRecord:
+        """A round's training under SecAgg+ (zk0lib/fl/secagg.py): the strategy samples and configures the
+        clients, Flower's workflow returns only the weighted mean of their updates, and the strategy aggregates
+        that mean as the round's one update."""
+        cfg = self.cfg
+        PartitionOrder.seed(cfg, rd.server_round)
+        messages = list(
+            strategy.configure_train(rd.server_round, arrays, config, PartitionOrder(self.grid, self.partitions))
+        )
+        rd.global_w = decode_arrays(arrays)
+        rd.train_nodes = [m.metadata.dst_node_id for m in messages]
+        out = secure_train(
+            self.grid, cfg, rd.server_round, messages, rd.global_w, record_to_bytes(self.stats_record), self.max_weight
+        )
+        rd.bytes_sent["train"] = out["bytes_sent"]
+        rd.bytes_received = out["bytes_received"]
+        for node, fitres in sorted(out["results"], key=lambda r: self.partitions.get(r[0], 0)):
+            rd.train[self.client_name(node)] = {**fitres.metrics, "weight": float(fitres.num_examples)}
+        rd.failures += [
+            {"client": self.client_name(node), "round": rd.server_round, "phase": "secagg", **failure_reason(reason)}
+            for node, reason in out["failures"].items()
+        ]
+        rd.secagg = {k: out[k] for k in ("bytes_sent", "bytes_received", "exchanges", "seconds")}
+        need = cfg.fl.min_train_clients or len(rd.train_nodes)
+        if out["mean_delta"] is None or len(out["results"]) < need:
+            reasons = "; ".join(f["reason"] for f in rd.failures) or "the protocol halted (see the log)"
+            raise RuntimeError(
+                f"round {rd.server_round}: SecAgg+ aggregated {len(out['results'])} client updates, "
+                f"fl.min_train_clients={need} needed ({reasons})"
+            )
+        t = time.perf_counter()
+        mean = {k: w + torch.from_numpy(out["mean_delta"][k]) for k, w in rd.global_w.items()}
+        aggregated, _ = strategy.aggregate_train(rd.server_round, [one_update_reply(to_numpy_record(mean))])
+        rd.decode_seconds = time.perf_counter() - t
+        rd.train_seconds = time.perf_counter() - rd.t0
+        return aggregated
 
     def aggregate(self, strategy: Any, rd: RoundData, replies: Any) -> ArrayRecord | None:
         """Screen the replies, then the strategy's aggregate of the usable ones."""
@@ -354,6 +404,8 @@ class FederatedServer:
             record["bytes_sent"] = sum(rd.bytes_sent.values())
         if evals or extra:
             record["eval"] = judged
+        if rd.secagg is not None:
+            record["secagg"] = rd.secagg
         if rd.privacy is not None:
             record["privacy"] = rd.privacy
             self.run.update_summary(privacy=rd.privacy)
