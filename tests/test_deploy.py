@@ -5,6 +5,7 @@ import time
 
 from test_federation import _alive_flower_processes  # tests/ is on sys.path
 
+from zk0lib import report
 from zk0lib.runs import RunRecord
 
 
@@ -36,7 +37,7 @@ def test_deploy_local_with_tls_and_auth_matches_the_simulation(home, zk0_cli, sw
         secagg = run.rounds()[1]["secagg"]  # masked int64 vectors up, the fp32 weights down
         assert run.config().privacy.secure_aggregation == "secaggplus" and secagg["exchanges"] == 4
         assert secagg["bytes_received"] > 2 * trainable * 8 > secagg["bytes_sent"] > 2 * trainable * 4
-        assert run.rounds()[1]["failures"] == []
+        assert run.rounds()[1]["failures"] == [] and report.run_row(run)["secagg"] is True
     for a, b in zip(deployed.rounds(), simulated.rounds(), strict=True):  # every round, not only the last
         for key in ("loss", "action_mae"):  # whichever engine carried the messages and whoever judged: the same
             assert abs(a["eval"]["mean"][key] - b["eval"]["mean"][key]) < 1e-6

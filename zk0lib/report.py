@@ -149,6 +149,7 @@ def run_row(run: RunRecord) -> dict[str, Any]:
         "round0_success_rate": start.get("success_rate"),
         "round0_success_ci": _ci(start.get("success_ci")),
         "epsilon": privacy.get("epsilon"),
+        "secagg": (cfg.get("privacy", {}).get("secure_aggregation", "off") != "off") if federated else None,
         "membership_auc": membership.get("auc"),
         "membership_auc_ci": _ci(membership.get("auc_ci")),
         "mb_per_round": per_round / 2**20,
