@@ -116,9 +116,7 @@ def smoke_run(home, zk0_cli):
 @pytest.fixture(scope="session")
 def sweep_cli(home, zk0_cli):
     """`zk0 sweep` of two points, as a user would run it: (its folder, the finished process). Its FedProx
-    point (the smoke preset, 1 round of 2 local steps) is also the simulation deploy-local is compared to.
-    Both points aggregate with Flower's SecAgg+ (privacy.secure_aggregation=secaggplus), as deploy-local does:
-    the protocol runs on both engines and gives the same numbers on each."""
+    point (the smoke preset, 1 round of 2 local steps) is also the simulation deploy-local is compared to."""
     out = zk0_cli(
         "sweep",
         "--preset",
@@ -131,8 +129,6 @@ def sweep_cli(home, zk0_cli):
         "fl.num_rounds=1",
         "--set",
         "train.local_steps=2",
-        "--set",
-        "privacy.secure_aggregation=secaggplus",
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return home / "reports" / "sweeps" / "t2", out

@@ -5,23 +5,19 @@ import time
 
 from test_federation import _alive_flower_processes  # tests/ is on sys.path
 
-from zk0lib import report
 from zk0lib.runs import RunRecord
 
 
 def test_deploy_local_with_tls_and_auth_matches_the_simulation(home, zk0_cli, sweep_dir):
     """One round of the smoke preset over TLS with authenticated SuperNodes on the Deployment Engine gives
     the simulation's numbers: the sweep's FedProx point ran the same config in Flower's simulation (every
-    message here starts a ClientApp process, so rounds are slow: one round keeps the test short). Both
-    aggregate with SecAgg+ (Flower's workflow and mod): four exchanges a round, the server never holding one
-    client's update, and the same aggregate on both engines (the quantization's rounding is seeded)."""
+    message here starts a ClientApp process, so rounds are slow: one round keeps the test short)."""
     simulated = RunRecord(sweep_dir / "runs" / "01-strategy-fedprox")
     assert simulated.summary()["status"] == "completed"
     t0 = time.time()
     out = zk0_cli(
         "deploy-local", "--preset", "smoke", "--run-id", "deployed",
         "--set", "fl.num_rounds=1", "--set", "train.local_steps=2", "--set", "fl.strategy=fedprox",
-        "--set", "privacy.secure_aggregation=secaggplus",
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "2 SuperNodes registered and started" in out.stdout
@@ -32,12 +28,6 @@ def test_deploy_local_with_tls_and_auth_matches_the_simulation(home, zk0_cli, sw
     assert [r["round"] for r in deployed.rounds()] == [0, 1]
     assert set(deployed.rounds()[1]["train"]["clients"]) == {"synth-0", "synth-1"}
     assert set(deployed.rounds()[1]["eval"]["clients"]) == {"synth-0", "synth-1"}
-    trainable = deployed.summary()["parameters"]["trainable"]
-    for run in (deployed, simulated):
-        secagg = run.rounds()[1]["secagg"]  # masked int64 vectors up, the fp32 weights down
-        assert run.config().privacy.secure_aggregation == "secaggplus" and secagg["exchanges"] == 4
-        assert secagg["bytes_received"] > 2 * trainable * 8 > secagg["bytes_sent"] > 2 * trainable * 4
-        assert run.rounds()[1]["failures"] == [] and report.run_row(run)["secagg"] is True
     for a, b in zip(deployed.rounds(), simulated.rounds(), strict=True):  # every round, not only the last
         for key in ("loss", "action_mae"):  # whichever engine carried the messages and whoever judged: the same
             assert abs(a["eval"]["mean"][key] - b["eval"]["mean"][key]) < 1e-6
