@@ -55,13 +55,18 @@ class _PositionsHead(nn.Module):
         """MSE of the normalized positions the last forward predicted (the batch's positions at the current
         frame: lerobot gives observations a time axis of n_obs_steps)."""
         predicted = self.predicted()
-        if target.dim() == 3:
-            target = target[:, -1]
-        if target.shape != predicted.shape:
+        normalized = self.normalized(target)
+        if normalized.shape != predicted.shape:
             raise ValueError(
-                f"{OBS_ENV_STATE}: shape {tuple(target.shape)}, the head predicts {tuple(predicted.shape)}"
+                f"{OBS_ENV_STATE}: shape {tuple(normalized.shape)}, the head predicts {tuple(predicted.shape)}"
             )
-        return nn.functional.mse_loss(predicted, (target.float().to(predicted.device) - self.mean) / self.std)
+        return nn.functional.mse_loss(predicted, normalized)
+
+    def normalized(self, target: torch.Tensor) -> torch.Tensor:
+        """The recorded positions at the current frame (lerobot gives observations a time axis of n_obs_steps),
+        normalized as the head predicts them."""
+        target = target[:, -1] if target.dim() == 3 else target
+        return (target.float().to(self.mean.device) - self.mean) / self.std
 
 
 class EnvironmentStateHead(_PositionsHead):
@@ -115,9 +120,7 @@ class _Estimator(_PositionsHead):
         take them in place of the estimate (each with probability `teacher_forcing`, from torch's seeded RNG)."""
         if OBS_ENV_STATE not in batch:
             raise ValueError(f"train.teacher_forcing: the batch has no {OBS_ENV_STATE} (zk0's sim recordings have it)")
-        target = batch[OBS_ENV_STATE]
-        target = target[:, -1] if target.dim() == 3 else target
-        truth = (target.float().to(self.mean.device) - self.mean) / self.std
+        truth = self.normalized(batch[OBS_ENV_STATE])
         if self.teacher_forcing >= 1:
             return truth, torch.ones(truth.shape[0], dtype=torch.bool, device=truth.device)
         return truth, torch.rand(truth.shape[0], device=truth.device) < self.teacher_forcing

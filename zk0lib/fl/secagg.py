@@ -42,7 +42,7 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-from zk0lib.fl.transport import STATS_IN_CONFIG
+from zk0lib.fl.transport import STATS_IN_CONFIG, payload_bytes
 
 FLAG = "zk0-secagg"  # in a train config: answer with fp32 weights in the order received (the adapter diffs them)
 NAMES = "zk0-array-names"  # the global weights' names, JSON (legacy Parameters carry none)
@@ -113,14 +113,13 @@ class _LegacyRound(Strategy):
     def __init__(self, fitins: dict[int, FitIns]):
         self.fitins = fitins
         self.results: list[tuple[ClientProxy, FitRes]] = []
-        self.failures: list[Any] = []
         self.mean_delta: list[np.ndarray] | None = None
 
     def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> list:
         return [(_Proxy(node), ins) for node, ins in self.fitins.items()]
 
     def aggregate_fit(self, server_round: int, results: list, failures: list) -> tuple[Any, dict]:
-        self.results, self.failures = list(results), list(failures)
+        self.results = list(results)  # the dropouts: CountingGrid saw their errors, by node
         if results:  # every result carries the unmasked weighted mean (the workflow sets it on each)
             self.mean_delta = parameters_to_ndarrays(results[0][1].parameters)
         return None, {}
@@ -166,9 +165,7 @@ class CountingGrid:
 
 def content_bytes(content: RecordDict) -> int:
     """The payload of a message: its arrays' bytes, and its configs' bytes and strings."""
-    total = 0
-    for record in content.array_records.values():
-        total += sum(len(a.data) for a in record.values())
+    total = sum(payload_bytes(record) for record in content.array_records.values())
     for record in content.config_records.values():
         for value in record.values():
             for v in value if isinstance(value, list) else [value]:
@@ -193,8 +190,7 @@ def secure_train(
     parameters = ndarrays_to_parameters([global_w[n].numpy() for n in names])
     fitins = {}
     for m in messages:
-        config = {k: v for k, v in dict(m.content["config"]).items()}
-        config |= {
+        config = dict(m.content["config"]) | {
             FLAG: True,
             NAMES: json.dumps(names),
             "zk0-secagg-clipping-range": float(p.secagg_clipping_range),

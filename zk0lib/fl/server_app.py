@@ -273,10 +273,8 @@ class FederatedServer:
                 f"round {rd.server_round}: SecAgg+ aggregated {len(out['results'])} client updates, "
                 f"fl.min_train_clients={need} needed ({reasons})"
             )
-        t = time.perf_counter()
         mean = {k: w + torch.from_numpy(out["mean_delta"][k]) for k, w in rd.global_w.items()}
         aggregated, _ = strategy.aggregate_train(rd.server_round, [one_update_reply(to_numpy_record(mean))])
-        rd.decode_seconds = time.perf_counter() - t
         rd.train_seconds = time.perf_counter() - rd.t0
         return aggregated
 
