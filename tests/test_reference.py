@@ -315,3 +315,68 @@ def test_the_state_estimator_reads_the_cameras_fills_the_state_and_is_saved(reco
         red = aim["labs"]["lab-red"]
         assert 0 < red["cube_error_cm"] < 100 and 0 < red["cube_error_if_mean_cm"] < 100
         assert aim["cube_error_cm"] == red["cube_error_cm"] and aim["target_error_cm"] > 0
+
+
+def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, home, tmp_path):
+    """`zk0 estimator`: a pixel estimator trained on community labs' frames is written into a copy of the base
+    folder with its record; model.pretrained=<that folder> loads it, and model.freeze_estimator keeps it out of
+    the trainable (and so of the travelling) weights: a training step moves the expert, not the estimator."""
+    import torch
+    from safetensors.torch import load_file
+
+    from zk0lib import auxiliary, data, model, train
+    from zk0lib.config import SHIPPED_BASE, ClientConfig, ConfigError, load_config
+    from zk0lib.estimator import ESTIMATOR_RECORD, EstimatorSpec, pretrain_estimator
+
+    with pytest.raises(ConfigError, match="steps must be > 0"):
+        EstimatorSpec.from_overrides(["steps=0"])
+    with pytest.raises(ConfigError, match="heldout_labs must be fewer than labs"):
+        EstimatorSpec.from_overrides(["labs=2", "heldout_labs=2"])
+    with pytest.raises(ConfigError, match="--set width: unknown"):
+        EstimatorSpec.from_overrides(["width=3"])
+    spec = EstimatorSpec(
+        labs=2, episodes_per_lab=2, heldout_labs=1, image_size=32, steps=6, batch_size=8, warmup_steps=2
+    )
+    out = tmp_path / "base-est"
+    record = pretrain_estimator(spec, SHIPPED_BASE, out, home / "data_cache", log=lambda _: None)
+    assert record["labs"] == ["community-0-000"] and record["heldout_labs"] == ["community-0-001"]
+    assert set(record["errors"]["heldout_episodes"]) == {"community-0-000"}
+    for where in ("heldout_episodes", "heldout_labs"):
+        assert 0 < record["summary"][where]["cube_error_cm"] < 100
+    assert np.isfinite(record["losses"]["last_100"]) and (out / ESTIMATOR_RECORD).exists()
+    assert (out / "model.safetensors").read_bytes() == (SHIPPED_BASE / "model.safetensors").read_bytes()
+    saved = load_file(out / f"{auxiliary.ESTIMATOR_FILE}.safetensors")
+
+    overrides = {
+        "data.sim_episodes": 12,
+        "data.sim_image_size": 32,
+        "data.heldout_episodes": 2,
+        "model.estimate_environment_state": "pixels",
+        "train.aux_environment_state": 1.0,
+        "train.teacher_forcing": 1.0,
+    }
+    with pytest.raises(ConfigError, match="model.freeze_estimator keeps a pretrained"):
+        load_config("demo", {"model.freeze_estimator": True})
+    cfg = load_config("demo", {**overrides, "model.freeze_estimator": True})  # the shipped base has no estimator
+    cfg.data.clients = [ClientConfig("lab-red", source="sim", lab="lab-red")]  # the fixture's recording
+    client = data.open_client(cfg, 0)
+    stats = data.pooled_train_stats([client])
+    with pytest.raises(ValueError, match="has none: make one"):
+        model.build_policy(cfg, client.meta, stats)
+    cfg.model.pretrained = str(out)
+    bundle = model.build_policy(cfg, client.meta, stats)
+    policy, head = bundle.policy, auxiliary.head_of(bundle.policy)
+    assert head.kind == "pixels" and all(torch.equal(v, saved[k]) for k, v in head.state_dict().items())
+    names = [n for n, _ in model.trainable_parameters(policy)]
+    assert names and not any(n.startswith(auxiliary.HEAD) for n in names)
+    frames = data.open_for(cfg, client, client.train_episodes, bundle.config)
+    batch = bundle.preprocessor(data.collate_or_skip([frames[i] for i in range(0, 80, 10)]))
+    params = [p for _, p in model.trainable_parameters(policy)]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    policy.train()
+    loss, _ = train.fedprox_backward(policy, batch, before, 0.01)
+    optimizer.step()
+    assert torch.isfinite(loss) and head.last > 0  # its loss is still measured
+    assert all(torch.equal(v, saved[k]) for k, v in head.state_dict().items())
+    assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -288,7 +288,9 @@ def _attach_estimator(policy: Any, head: Any, weight: float, state_size: int) ->
         n_image = embs.shape[1] - lang_tokens.shape[1] - 1  # the prefix: camera tokens, task, one state token
         # the frames: these images, or (data.cache=features, where the images are embeddings) the batch's own
         pixels = list(images) if images[0].dim() == 4 else head.captured.pop("pixels", None)
-        estimate = head.estimate(embs[:, :n_image], pixels)
+        frozen = not any(p.requires_grad for p in head.parameters())  # model.freeze_estimator
+        with torch.no_grad() if frozen else nullcontext():
+            estimate = head.estimate(embs[:, :n_image], pixels)
         head.captured["estimate"] = estimate
         filled = state.clone()
         filled[:, state_size:size] = estimate.detach().to(state.dtype)
@@ -343,11 +345,17 @@ def save_estimator(policy: Any, folder: Any) -> None:
     """Write the estimator beside a saved policy (nothing when the policy has none)."""
     from pathlib import Path
 
+    head = estimator_of(policy)
+    if head is not None:
+        write_estimator(head, Path(folder))
+
+
+def write_estimator(head: StateEstimator | PixelStateEstimator, folder: Any) -> None:
+    """The estimator's description (shape, kind, state size, stats) and weights into `folder`."""
+    from pathlib import Path
+
     from safetensors.torch import save_file
 
-    head = estimator_of(policy)
-    if head is None:
-        return
     folder = Path(folder)
     spec = {
         **head.shape,

@@ -186,6 +186,26 @@ def cmd_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimator(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib.config import SHIPPED_BASE
+    from zk0lib.estimator import EstimatorSpec, pretrain_estimator
+
+    spec = EstimatorSpec.from_overrides(list(args.set or []))
+    base = Path(args.base) if args.base else SHIPPED_BASE
+    if not (base / "config.json").exists():
+        print(f"zk0 estimator: --base {base} is not a policy folder (no config.json)", file=sys.stderr)
+        return 2
+    record = pretrain_estimator(spec, base, Path(args.out), log=_indented)
+    print(
+        f"zk0 estimator: {args.out} ({record['seconds']['total'] / 60:.1f} min, "
+        f"{record['samples_per_s']:.0f} samples/s in training); use it with --set model.pretrained={args.out} "
+        "--set model.estimate_environment_state=pixels [--set model.freeze_estimator=true]"
+    )
+    return 0
+
+
 def cmd_model_info(args: argparse.Namespace) -> int:
     from zk0lib.model import smolvla_base_sizes
 
@@ -701,6 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start over, discarding this base's saved progress")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="a BaseSpec field, e.g. --set action_steps=3000")
     p.set_defaults(func=cmd_base)
+
+    p = sub.add_parser(
+        "estimator", help="pretrain a pixel state estimator on the community labs, into a copy of a base folder"
+    )
+    p.add_argument("--base", help="policy folder to copy (default: the shipped zk0lib/assets/tiny-base)")
+    p.add_argument("--out", required=True, help="folder to write: the base with the estimator beside it")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an EstimatorSpec field, e.g. --set steps=3000")
+    p.set_defaults(func=cmd_estimator)
 
     p = sub.add_parser(
         "rehearse", help="the real loading path at full size (smolvla_base-shaped, offline) through both engines"

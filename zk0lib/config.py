@@ -186,6 +186,9 @@ class ModelConfig:
     # environment state with weight train.aux_environment_state and is saved with the policy. none | tokens
     # (from the frozen vision path's camera tokens) | pixels (its own small CNN on the camera frames at 64x64)
     estimate_environment_state: str = "none"
+    # a pretrained estimator (model.pretrained holds one: `zk0 estimator`) kept fixed: every owner's action
+    # expert reads the same estimates, and the estimator's weights neither train nor travel
+    freeze_estimator: bool = False
     peft: PeftSettings = field(default_factory=PeftSettings)
 
     def problems(self, cfg: ExperimentConfig) -> list[str]:
@@ -207,6 +210,11 @@ class ModelConfig:
         p.need(
             m.estimate_environment_state in ESTIMATORS,
             f"model.estimate_environment_state: one of {', '.join(ESTIMATORS)}, got {m.estimate_environment_state!r}",
+        )
+        p.need(
+            not m.freeze_estimator or m.estimate_environment_state != "none",
+            "model.freeze_estimator keeps a pretrained state estimator fixed: it needs "
+            "model.estimate_environment_state=pixels or tokens (the kind model.pretrained holds)",
         )
         if m.peft.method != "none":
             p.need(m.peft.r >= 1, f"model.peft.r must be >= 1 (got {m.peft.r})")

@@ -368,8 +368,17 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
             state_size = pc.input_features[OBS_STATE].shape[0]
             kind = cfg.model.estimate_environment_state
             if cfg.model.pretrained == TINY or auxiliary.load_estimator(policy, pc.pretrained_path, w, kind) is None:
+                if cfg.model.freeze_estimator:
+                    raise ValueError(
+                        f"model.freeze_estimator keeps a pretrained state estimator fixed, and model.pretrained="
+                        f"{cfg.model.pretrained} has none: make one (zk0 estimator --base <policy folder> --out "
+                        "<folder>) and set model.pretrained to that folder, or set model.freeze_estimator=false"
+                    )
                 auxiliary.attach_estimator(policy, stats, w, seed, state_size, kind)
-            auxiliary.estimator_of(policy).teacher_forcing = cfg.train.teacher_forcing
+            head = auxiliary.estimator_of(policy)
+            head.teacher_forcing = cfg.train.teacher_forcing
+            if cfg.model.freeze_estimator:  # the shared estimate: neither trained nor sent
+                head.requires_grad_(False)
         else:
             auxiliary.attach(policy, stats, w, seed)
     if cfg.model.peft.method == "lora":

@@ -1,0 +1,283 @@
+"""A state estimator pretrained on the community labs and shipped inside a base (`zk0 estimator`).
+
+Rung 2 of the closed-loop ladder put a pixel state estimator inside the policy (auxiliary.py): it reads the
+cameras and fills the state slots with the cube's and target's positions. Trained centrally on the four client
+labs it places them to 0.3-1.4 cm; federated, each owner trains its own copy on one lab and the average of
+the four is worse (1.4-5.5 cm), and trained on four labs it does not carry to a fifth (14.9 cm in
+lab-unseen). Both are what a shared, pretrained perception module answers in federated learning: trained
+once on the data of many labs that no owner holds (as smolvla_base was pretrained on community datasets), it
+starts every owner from the same estimate, and `model.freeze_estimator` keeps it the same in every owner's
+policy so that the averaged action experts read one estimator.
+
+`pretrain_estimator` records the community labs (cached, the ones `zk0 base` records), trains a
+`PixelStateEstimator` on every frame of their training episodes (both cameras, prepared as SmolVLA prepares
+them, against the recording's `observation.environment_state`), and writes a copy of a base policy folder
+with the estimator beside it (`zk0_state_estimator.*`, which `model.pretrained=<folder>` loads with
+`model.estimate_environment_state=pixels`) and a record (`zk0_estimator.json`): spec, labs, losses, errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import typing
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ESTIMATOR_RECORD = "zk0_estimator.json"
+ENV = "observation.environment_state"
+
+
+@dataclass
+class EstimatorSpec:
+    """Everything that decides the estimator: the same spec and base make the same estimator."""
+
+    seed: int = 0
+    labs: int = 32  # community labs (the first 24 are the ones `zk0 base` pretrains on)
+    episodes_per_lab: int = 10
+    heldout_episodes: int = 1  # per lab: frames at cube positions the estimator never trained on
+    heldout_labs: int = 0  # the last labs kept out of training: the error in labs it never saw
+    image_size: int = 128
+    steps: int = 3000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    eval_every_frames: int = 5  # held-out errors on every n-th frame
+    record_workers: int = 0  # 0: as many as pay (sim.record.pool_workers)
+
+    @classmethod
+    def from_overrides(cls, overrides: list[str] | None = None) -> EstimatorSpec:
+        from zk0lib.config import ConfigError, _convert, parse_overrides
+
+        spec = cls()
+        hints = typing.get_type_hints(cls)
+        for key, value in parse_overrides(overrides).items():
+            if key not in hints:
+                raise ConfigError(f"zk0 estimator --set {key}: unknown; KEY one of {', '.join(hints)}")
+            setattr(spec, key, _convert(value, hints[key], key))
+        may_be_zero = ("seed", "heldout_episodes", "heldout_labs", "warmup_steps", "weight_decay", "record_workers")
+        problems = [
+            f"{k} must be {'>= 0' if k in may_be_zero else '> 0'} (got {getattr(spec, k)})"
+            for k in hints
+            if getattr(spec, k) < 0 or (getattr(spec, k) == 0 and k not in may_be_zero)
+        ]
+        if spec.heldout_episodes >= spec.episodes_per_lab:
+            problems.append("heldout_episodes must be fewer than episodes_per_lab")
+        if spec.heldout_labs >= spec.labs:
+            problems.append("heldout_labs must be fewer than labs")
+        if problems:
+            raise ConfigError("invalid estimator spec:\n  - " + "\n  - ".join(problems))
+        return spec
+
+
+class _LabFrames:
+    """One recorded lab: its frame store's camera arrays (uint8, memory-mapped) and environment states by row,
+    with the rows of its training and held-out episodes."""
+
+    def __init__(self, name: str, repo_id: str, root: Path, cache_dir: Path, heldout_episodes: int):
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+        from zk0lib.cache import _file_name, frame_store
+
+        store = frame_store(repo_id, root, cache_dir)
+        if store.bad:
+            raise RuntimeError(
+                f"{name}: episodes {sorted(store.bad)} could not be decoded: delete {root} to record again"
+            )
+        table = LeRobotDataset(repo_id, root=root).hf_dataset.with_format("numpy")
+        if ENV not in table.column_names:
+            raise ValueError(f"{name}: the recording has no {ENV}: delete {root} to record it again")
+        self.name, self.cameras = name, store.cameras
+        self.env = np.asarray(table[ENV], np.float32)
+        self.arrays = {c: np.load(store.root / f"{_file_name(c)}.npy", mmap_mode="r") for c in store.cameras}
+        episodes = sorted(int(e) for e in store._starts)
+        held = set(episodes[len(episodes) - heldout_episodes :]) if heldout_episodes else set()
+        ranges = {e: np.arange(*store._starts[e]) for e in episodes}
+        self.train_rows = np.concatenate([ranges[e] for e in episodes if e not in held])
+        self.heldout_rows = np.concatenate([ranges[e] for e in sorted(held)]) if held else np.zeros(0, int)
+        self.all_rows = np.concatenate([ranges[e] for e in episodes])
+
+    def frames(self, rows: np.ndarray, cameras: list[str]) -> list[torch.Tensor]:
+        """uint8 frames of these rows, one (N, 3, H, W) tensor per camera (read in row order)."""
+        order = np.argsort(rows)
+        back = np.argsort(order)
+        return [torch.from_numpy(np.asarray(self.arrays[c][rows[order]])[back]) for c in cameras]
+
+
+def prepared(frames: list[torch.Tensor], resize: tuple[int, int]) -> list[torch.Tensor]:
+    """uint8 (N, 3, H, W) camera frames -> what SmolVLA's `prepare_images` hands the estimator: resized with
+    padding to the policy's `resize_imgs_with_padding` (width, height), in [-1, 1]."""
+    from lerobot.policies.common.vla_utils import resize_with_pad
+
+    width, height = resize
+    return [resize_with_pad(f.float() / 255.0, height, width, pad_value=0) * 2.0 - 1.0 for f in frames]
+
+
+def estimate_rows(
+    head: Any, lab: _LabFrames, rows: np.ndarray, cameras: list[str], resize: tuple[int, int], batch: int = 256
+) -> np.ndarray:
+    """The estimator's positions (in metres) at these rows of a lab."""
+    out = []
+    head.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch):
+            pred = head(prepared(lab.frames(rows[i : i + batch], cameras), resize))
+            out.append((pred * head.std + head.mean).numpy())
+    return np.concatenate(out) if out else np.zeros((0, head.mean.numel()), np.float32)
+
+
+def lab_errors(head: Any, lab: _LabFrames, rows: np.ndarray, cameras: list[str], resize: tuple[int, int]) -> dict:
+    from zk0lib.sim.rollout import _estimate_errors
+
+    return _estimate_errors(estimate_rows(head, lab, rows, cameras, resize), lab.env[rows], head.mean) | {
+        "frames": len(rows)
+    }
+
+
+def pretrain_estimator(
+    spec: EstimatorSpec,
+    base: Path,
+    out: Path,
+    cache_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Record the community labs, train the pixel estimator on their frames, write `base` + the estimator at
+    `out` (written to a temp folder, then renamed) and return its record."""
+    from zk0lib import data
+    from zk0lib.auxiliary import PixelStateEstimator, write_estimator
+    from zk0lib.config import zk0_home
+    from zk0lib.env import quiet, set_hub_offline
+    from zk0lib.runs import environment, utc_now, write_json
+    from zk0lib.sim.labs import community_labs
+    from zk0lib.sim.record import record_lab
+
+    quiet()
+    set_hub_offline()
+    base, out = Path(base), Path(out)
+    config = json.loads((base / "config.json").read_text())
+    cameras = [k for k, f in config["input_features"].items() if f["type"] == "VISUAL"]
+    state_size = config["input_features"]["observation.state"]["shape"][0]
+    resize = tuple(config["resize_imgs_with_padding"])
+    cache_dir = Path(cache_dir or zk0_home() / "data_cache").resolve()
+    t_start = time.perf_counter()
+    log(f"zk0 estimator: {spec.labs} community labs x {spec.episodes_per_lab} demonstrations (recorded once, cached)")
+    labs = []
+    for lab in community_labs(spec.labs, spec.seed):
+        rec = record_lab(lab, spec.episodes_per_lab, cache_dir, spec.image_size, spec.seed, spec.record_workers)
+        meta = data.load_metadata(f"zk0/{lab.name}", rec.root)
+        missing = set(cameras) - set(meta.video_keys)
+        if missing:
+            raise ValueError(f"{lab.name}: no camera {sorted(missing)}, which the base {base} reads")
+        labs.append(_LabFrames(lab.name, f"zk0/{lab.name}", rec.root, cache_dir, spec.heldout_episodes))
+        log(f"  {lab.name}: {len(labs[-1].all_rows)} frames")
+    record_seconds = time.perf_counter() - t_start
+    trained = labs[: len(labs) - spec.heldout_labs]
+    env = np.concatenate([lab.env[lab.train_rows] for lab in trained])
+    mean, std = env.mean(0), env.std(0)
+    torch.manual_seed(spec.seed)
+    head = PixelStateEstimator(len(cameras), mean, std)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine to zero
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * (step - spec.warmup_steps) / max(1, spec.steps - spec.warmup_steps)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    # every training frame of every trained lab is equally likely: (lab, row) pairs drawn from one seeded stream
+    owners = np.concatenate([np.full(len(lab.train_rows), i) for i, lab in enumerate(trained)])
+    rows = np.concatenate([lab.train_rows for lab in trained])
+    rng = np.random.default_rng([spec.seed, 9001])
+    log(f"training on {len(rows)} frames of {len(trained)} labs: {spec.steps} steps at batch {spec.batch_size}")
+    t_train = time.perf_counter()
+    next_line = t_train + 60
+    losses: list[float] = []
+    head.train()
+    for step in range(spec.steps):
+        pick = rng.integers(len(rows), size=spec.batch_size)
+        frames: list[list[torch.Tensor]] = [[] for _ in cameras]
+        targets = []
+        for i in np.unique(owners[pick]):
+            sel = rows[pick[owners[pick] == i]]
+            for c, f in enumerate(trained[i].frames(sel, cameras)):
+                frames[c].append(f)
+            targets.append(trained[i].env[sel])
+        pred = head(prepared([torch.cat(f) for f in frames], resize))
+        loss = torch.nn.functional.mse_loss(pred, head.normalized(torch.from_numpy(np.concatenate(targets))))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if time.perf_counter() >= next_line or step + 1 == spec.steps:
+            elapsed = time.perf_counter() - t_train
+            rate = (step + 1) * spec.batch_size / elapsed
+            left = (spec.steps - step - 1) * spec.batch_size / rate
+            log(
+                f"  step {step + 1}/{spec.steps}: loss {np.mean(losses[-100:]):.4f} (last 100), "
+                f"{rate:.0f} samples/s, ~{left / 60:.1f} min left"
+            )
+            next_line = time.perf_counter() + 60
+    train_seconds = time.perf_counter() - t_train
+    errors = {
+        "heldout_episodes": {
+            lab.name: lab_errors(head, lab, lab.heldout_rows[:: spec.eval_every_frames], cameras, resize)
+            for lab in trained
+            if len(lab.heldout_rows)
+        },
+        "heldout_labs": {
+            lab.name: lab_errors(head, lab, lab.all_rows[:: spec.eval_every_frames], cameras, resize)
+            for lab in labs[len(trained) :]
+        },
+    }
+    summary = {where: _mean_errors(v) for where, v in errors.items() if v}
+    for where, v in summary.items():
+        log(
+            f"  {where}: cube {v['cube_error_cm']:.1f} cm (guessing the mean {v['cube_error_if_mean_cm']:.1f}), "
+            f"target {v['target_error_cm']:.1f} cm ({v['target_error_if_mean_cm']:.1f})"
+        )
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base, tmp, ignore=shutil.ignore_patterns("zk0_state_estimator.*", ESTIMATOR_RECORD))
+    head.state_size = state_size
+    write_estimator(head, tmp)
+    record = {
+        "spec": asdict(spec),
+        "base": str(base),
+        "kind": head.kind,
+        "shape": head.shape,
+        "cameras": cameras,
+        "labs": [lab.name for lab in trained],
+        "heldout_labs": [lab.name for lab in labs[len(trained) :]],
+        "frames": int(len(rows)),
+        "losses": {"first_100": float(np.mean(losses[:100])), "last_100": float(np.mean(losses[-100:]))},
+        "errors": errors,
+        "summary": summary,
+        "seconds": {
+            "record_and_cache": record_seconds,
+            "train": train_seconds,
+            "total": time.perf_counter() - t_start,
+        },
+        "samples_per_s": spec.steps * spec.batch_size / train_seconds,
+        "created": utc_now(),
+        "environment": environment(),
+    }
+    write_json(tmp / ESTIMATOR_RECORD, record)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return record
+
+
+def _mean_errors(per_lab: dict[str, dict[str, float]]) -> dict[str, float]:
+    keys = ("cube_error_cm", "cube_error_if_mean_cm", "target_error_cm", "target_error_if_mean_cm")
+    return {k: float(np.mean([v[k] for v in per_lab.values()])) for k in keys}
