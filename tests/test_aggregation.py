@@ -526,6 +526,11 @@ def test_secaggplus_aggregate_equals_the_plain_one_and_the_server_sees_no_single
     assert rd.secagg["exchanges"] == 4 and rd.secagg["bytes_received"] > 0 and rd.bytes_received > 0
     assert sorted(rd.train) == ["c0", "c1", "c2"] and rd.train["c1"]["weight"] == 300.0
     assert rd.train["c2"]["train_loss"] == 3.0 and rd.train["c0"]["secagg-clipped-values"] == 0
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    again, _, _ = _secagg_round(cfg, local, examples, global_w)
+    assert all(torch.equal(again[k], secure[k]) for k in global_w)  # the rounding is seeded by round and client
+    assert np.array_equal(np.random.get_state()[1], before)  # and numpy's global generator is handed back
 
     cfg.fl.min_train_clients = 2
     secure, server, rd = _secagg_round(cfg, local, examples, global_w, broken=(1,))

@@ -52,7 +52,11 @@ NAMES = "zk0-array-names"  # the global weights' names, JSON (legacy Parameters 
 def secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
     """Flower's secaggplus_mod on the SecAgg+ stages of a train round; every other message goes through."""
     if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, lambda m, c: _legacy_train(m, c, call_next))
+        state = np.random.get_state()  # _legacy_train seeds numpy's global generator for the mod's rounding:
+        try:  # the rest of the process (data loading, other mods) gets its generator back as it was
+            return secaggplus_mod(msg, context, lambda m, c: _legacy_train(m, c, call_next))
+        finally:
+            np.random.set_state(state)
     return call_next(msg, context)
 
 
