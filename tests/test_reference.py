@@ -326,7 +326,7 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
 
     from zk0lib import auxiliary, data, model, train
     from zk0lib.config import SHIPPED_BASE, ClientConfig, ConfigError, load_config
-    from zk0lib.estimator import ESTIMATOR_RECORD, EstimatorSpec, pretrain_estimator
+    from zk0lib.estimator import ESTIMATOR_RECORD, EstimatorSpec, evaluate_estimator, pretrain_estimator
 
     with pytest.raises(ConfigError, match="steps must be > 0"):
         EstimatorSpec.from_overrides(["steps=0"])
@@ -380,3 +380,8 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
     assert torch.isfinite(loss) and head.last > 0  # its loss is still measured
     assert all(torch.equal(v, saved[k]) for k, v in head.state_dict().items())
     assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+    cfg.data.eval_only = []  # `zk0 estimator --evaluate`: the saved estimator on the config's recordings
+    red = evaluate_estimator(out, cfg)["lab-red"]
+    assert red["role"] == "client" and red["first_frames"]["frames"] == 12  # one first frame per episode
+    assert 0 < red["all_frames"]["cube_error_cm"] < 100 and red["all_frames"]["frames"] > 12

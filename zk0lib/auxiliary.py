@@ -373,6 +373,19 @@ def write_estimator(head: StateEstimator | PixelStateEstimator, folder: Any) -> 
 
 def load_estimator(policy: Any, folder: Any, weight: float = 0.0, kind: str | None = None) -> Any:
     """Reattach a saved policy's estimator (None when the folder has none); `kind`: the one the config asks for."""
+    head = read_estimator(folder)
+    if head is None:
+        return None
+    if kind is not None and kind != head.kind:
+        raise ValueError(
+            f"model.estimate_environment_state={kind}, but {folder} holds a '{head.kind}' estimator: set "
+            f"model.estimate_environment_state={head.kind} to go on training it"
+        )
+    return _attach_estimator(policy, head, weight, head.state_size)
+
+
+def read_estimator(folder: Any) -> StateEstimator | PixelStateEstimator | None:
+    """The estimator saved in a folder (its `state_size` set), unattached; None when the folder has none."""
     from pathlib import Path
 
     from safetensors.torch import load_file
@@ -382,14 +395,10 @@ def load_estimator(policy: Any, folder: Any, weight: float = 0.0, kind: str | No
         return None
     spec = json.loads(spec_path.read_text())
     state_size, saved = spec.pop("state_size"), spec.pop("kind", "tokens")  # the first estimators were tokens
-    if kind is not None and kind != saved:
-        raise ValueError(
-            f"model.estimate_environment_state={kind}, but {folder} holds a '{saved}' estimator: set "
-            f"model.estimate_environment_state={saved} to go on training it"
-        )
     head = PixelStateEstimator(**spec) if saved == "pixels" else StateEstimator(**spec)
     head.load_state_dict(load_file(Path(folder) / f"{ESTIMATOR_FILE}.safetensors"))
-    return _attach_estimator(policy, head, weight, state_size)
+    head.state_size = state_size
+    return head
 
 
 def _wrap(owner: Any, method: str, keep: Any) -> None:

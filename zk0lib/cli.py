@@ -192,6 +192,10 @@ def cmd_estimator(args: argparse.Namespace) -> int:
     from zk0lib.config import SHIPPED_BASE
     from zk0lib.estimator import EstimatorSpec, pretrain_estimator
 
+    if args.evaluate:
+        return _evaluate_estimator(args)
+    if not args.out:
+        raise ConfigError("zk0 estimator: --out FOLDER (where the base with its estimator goes), or --evaluate FOLDER")
     spec = EstimatorSpec.from_overrides(list(args.set or []))
     base = Path(args.base) if args.base else SHIPPED_BASE
     if not (base / "config.json").exists():
@@ -203,6 +207,33 @@ def cmd_estimator(args: argparse.Namespace) -> int:
         f"{record['samples_per_s']:.0f} samples/s in training); use it with --set model.pretrained={args.out} "
         "--set model.estimate_environment_state=pixels [--set model.freeze_estimator=true]"
     )
+    return 0
+
+
+def _evaluate_estimator(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from zk0lib.env import quiet
+    from zk0lib.estimator import evaluate_estimator
+    from zk0lib.runs import write_json
+
+    quiet()
+    cfg = load_config(args.preset)
+    folder = _saved_policy(args.evaluate)
+    errors = evaluate_estimator(folder, cfg)
+    print(
+        "| lab | cube, all frames (cm) | guessing the mean | cube, first frames | guessing the mean | target, first frames |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, e in errors.items():
+        a, f = e["all_frames"], e["first_frames"]
+        print(
+            f"| {name} | {a['cube_error_cm']:.1f} | {a['cube_error_if_mean_cm']:.1f} | {f['cube_error_cm']:.1f} | "
+            f"{f['cube_error_if_mean_cm']:.1f} | {f['target_error_cm']:.1f} |"
+        )
+    out = Path(folder) / "zk0_estimator_check.json" if args.check_out is None else Path(args.check_out)
+    write_json(out, {"command": "zk0 " + " ".join(args.argv), "preset": args.preset, "labs": errors})
+    print(f"zk0 estimator: {folder} on the preset {args.preset}'s recordings -> {out}")
     return 0
 
 
@@ -726,7 +757,14 @@ def build_parser() -> argparse.ArgumentParser:
         "estimator", help="pretrain a pixel state estimator on the community labs, into a copy of a base folder"
     )
     p.add_argument("--base", help="policy folder to copy (default: the shipped zk0lib/assets/tiny-base)")
-    p.add_argument("--out", required=True, help="folder to write: the base with the estimator beside it")
+    p.add_argument("--out", help="folder to write: the base with the estimator beside it")
+    p.add_argument(
+        "--evaluate",
+        metavar="FOLDER",
+        help="instead of training: a saved estimator's errors (all frames, first frames) on a preset's recordings",
+    )
+    p.add_argument("--preset", default="study", help="with --evaluate: whose simulated labs (default: study)")
+    p.add_argument("--check-out", help="with --evaluate: the JSON to write (default: FOLDER/zk0_estimator_check.json)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an EstimatorSpec field, e.g. --set steps=3000")
     p.set_defaults(func=cmd_estimator)
 

@@ -311,3 +311,29 @@ def pretrain_estimator(
 def _mean_errors(per_lab: dict[str, dict[str, float]]) -> dict[str, float]:
     keys = ("cube_error_cm", "cube_error_if_mean_cm", "target_error_cm", "target_error_if_mean_cm")
     return {k: float(np.mean([v[k] for v in per_lab.values()])) for k in keys}
+
+
+def evaluate_estimator(folder: Path, cfg: Any, every: int = 5) -> dict[str, dict[str, Any]]:
+    """A saved pixel estimator (a `zk0 estimator` folder or a run's checkpoint) on the recordings of a config's
+    simulated labs: its errors on every `every`-th frame and on the episodes' first frames, where the arm is at
+    home and only the front camera says where the cube is (the frames that aim the arm)."""
+    from zk0lib.auxiliary import read_estimator
+    from zk0lib.evaluation import sim_labs
+    from zk0lib.sources import source_location
+
+    head = read_estimator(folder)
+    if head is None or head.kind != "pixels":
+        raise ValueError(f"{folder} holds no pixel state estimator (zk0 estimator makes one; runs save theirs)")
+    config = json.loads((Path(folder) / "config.json").read_text())
+    cameras = [k for k, f in config["input_features"].items() if f["type"] == "VISUAL"]
+    resize = tuple(config["resize_imgs_with_padding"])
+    out = {}
+    for name, (client, role) in sim_labs(cfg).items():
+        repo_id, root = source_location(cfg, client)
+        lab = _LabFrames(name, repo_id, root, cfg.cache_dir, 0)
+        out[name] = {
+            "role": role,
+            "all_frames": lab_errors(head, lab, lab.all_rows[::every], cameras, resize),
+            "first_frames": lab_errors(head, lab, lab.all_rows[lab.frame_index[lab.all_rows] == 0], cameras, resize),
+        }
+    return out
