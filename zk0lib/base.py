@@ -21,7 +21,6 @@ import hashlib
 import json
 import shutil
 import time
-import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,30 +65,18 @@ class BaseSpec:
 
     @classmethod
     def from_overrides(cls, overrides: list[str] | None = None) -> BaseSpec:
-        from zk0lib.config import ConfigError, _convert, parse_overrides
+        from zk0lib.config import spec_from_overrides
 
-        spec = cls()
-        hints = typing.get_type_hints(cls)
-        for key, value in parse_overrides(overrides).items():
-            if key not in hints:
-                raise ConfigError(f"zk0 base --set {key}: unknown; KEY one of {', '.join(hints)}")
-            setattr(spec, key, _convert(value, hints[key], key))
         may_be_zero = (
             "seed", "heldout_episodes", "grounding_steps", "action_steps", "chunk_steps", "warmup_steps", "num_workers",
             "record_workers",
         )  # fmt: skip
-        problems = [
-            f"{k} must be {'>= 0' if k in may_be_zero else '> 0'} (got {getattr(spec, k)})"
-            for k in hints
-            if hints[k] is not str and (getattr(spec, k) < 0 or (getattr(spec, k) == 0 and k not in may_be_zero))
-        ]
-        if spec.action_vision not in ACTION_VISION:
-            problems.append(f"action_vision must be {' or '.join(ACTION_VISION)} (got {spec.action_vision!r})")
-        if spec.heldout_episodes >= spec.episodes_per_lab:
-            problems.append("heldout_episodes must be fewer than episodes_per_lab")
-        if problems:
-            raise ConfigError("invalid base spec:\n  - " + "\n  - ".join(problems))
-        return spec
+
+        def checks(spec: BaseSpec) -> list[str]:
+            ok = spec.action_vision in ACTION_VISION
+            return [] if ok else [f"action_vision must be {' or '.join(ACTION_VISION)} (got {spec.action_vision!r})"]
+
+        return spec_from_overrides(cls, overrides, "zk0 base", may_be_zero, checks)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]

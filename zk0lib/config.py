@@ -751,6 +751,31 @@ def load_config(preset: str = "demo", overrides: dict[str, Any] | list[str] | st
     return cfg
 
 
+def spec_from_overrides(
+    cls: type, overrides: list[str] | None, command: str, may_be_zero: tuple[str, ...], checks: Any = None
+) -> Any:
+    """A plain dataclass spec (`zk0 base`, `zk0 estimator`) from its defaults and `--set KEY=VALUE` overrides,
+    refused with every problem at once: a numeric field must be > 0 (>= 0 when named in `may_be_zero`), held-out
+    episodes fewer than the episodes per lab, and whatever `checks(spec)` lists."""
+    spec = cls()
+    hints = typing.get_type_hints(cls)
+    for key, value in parse_overrides(overrides).items():
+        if key not in hints:
+            raise ConfigError(f"{command} --set {key}: unknown; KEY one of {', '.join(hints)}")
+        setattr(spec, key, _convert(value, hints[key], key))
+    problems = [
+        f"{k} must be {'>= 0' if k in may_be_zero else '> 0'} (got {getattr(spec, k)})"
+        for k in hints
+        if hints[k] is not str and (getattr(spec, k) < 0 or (getattr(spec, k) == 0 and k not in may_be_zero))
+    ]
+    if spec.heldout_episodes >= spec.episodes_per_lab:
+        problems.append("heldout_episodes must be fewer than episodes_per_lab")
+    problems += checks(spec) if checks else []
+    if problems:
+        raise ConfigError(f"invalid {command} spec:\n  - " + "\n  - ".join(problems))
+    return spec
+
+
 def parse_overrides(overrides: dict[str, Any] | list[str] | str | None) -> dict[str, Any]:
     """Accept {"fl.num_rounds": 3}, ["fl.num_rounds=3"] or "fl.num_rounds=3 train.lr=1e-4"."""
     if not overrides:

@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import time
-import typing
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -63,32 +62,19 @@ class EstimatorSpec:
 
     @classmethod
     def from_overrides(cls, overrides: list[str] | None = None) -> EstimatorSpec:
-        from zk0lib.config import ConfigError, _convert, parse_overrides
+        from zk0lib.config import spec_from_overrides
 
-        spec = cls()
-        hints = typing.get_type_hints(cls)
-        for key, value in parse_overrides(overrides).items():
-            if key not in hints:
-                raise ConfigError(f"zk0 estimator --set {key}: unknown; KEY one of {', '.join(hints)}")
-            setattr(spec, key, _convert(value, hints[key], key))
         may_be_zero = (
             "seed", "heldout_episodes", "heldout_labs", "warmup_steps", "weight_decay", "record_workers",
             "early_fraction",
         )  # fmt: skip
-        problems = [
-            f"{k} must be {'>= 0' if k in may_be_zero else '> 0'} (got {getattr(spec, k)})"
-            for k in hints
-            if getattr(spec, k) < 0 or (getattr(spec, k) == 0 and k not in may_be_zero)
-        ]
-        if spec.heldout_episodes >= spec.episodes_per_lab:
-            problems.append("heldout_episodes must be fewer than episodes_per_lab")
-        if spec.early_fraction > 1:
-            problems.append(f"early_fraction must be in [0, 1] (got {spec.early_fraction})")
-        if spec.heldout_labs >= spec.labs:
-            problems.append("heldout_labs must be fewer than labs")
-        if problems:
-            raise ConfigError("invalid estimator spec:\n  - " + "\n  - ".join(problems))
-        return spec
+
+        def checks(spec: EstimatorSpec) -> list[str]:
+            return [f"early_fraction must be in [0, 1] (got {spec.early_fraction})"] * (spec.early_fraction > 1) + [
+                "heldout_labs must be fewer than labs"
+            ] * (spec.heldout_labs >= spec.labs)
+
+        return spec_from_overrides(cls, overrides, "zk0 estimator", may_be_zero, checks)
 
 
 class _LabFrames:
