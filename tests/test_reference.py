@@ -326,7 +326,8 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
 
     from zk0lib import auxiliary, data, model, train
     from zk0lib.config import SHIPPED_BASE, ClientConfig, ConfigError, load_config
-    from zk0lib.estimator import ESTIMATOR_RECORD, EstimatorSpec, evaluate_estimator, pretrain_estimator
+    from zk0lib.estimator import ESTIMATOR_RECORD, EstimatorSpec, evaluate_estimator, pretrain_estimator, task_vectors
+    from zk0lib.sim.labs import get_lab
 
     with pytest.raises(ConfigError, match="steps must be > 0"):
         EstimatorSpec.from_overrides(["steps=0"])
@@ -335,7 +336,14 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
     with pytest.raises(ConfigError, match="--set width: unknown"):
         EstimatorSpec.from_overrides(["width=3"])
     spec = EstimatorSpec(
-        labs=2, episodes_per_lab=2, heldout_labs=1, image_size=32, steps=6, batch_size=8, warmup_steps=2
+        labs=2,
+        episodes_per_lab=2,
+        heldout_labs=1,
+        image_size=32,
+        steps=6,
+        batch_size=8,
+        warmup_steps=2,
+        reads_task=True,
     )
     out = tmp_path / "base-est"
     record = pretrain_estimator(spec, SHIPPED_BASE, out, home / "data_cache", log=lambda _: None)
@@ -357,6 +365,8 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
     }
     with pytest.raises(ConfigError, match="model.freeze_estimator keeps a pretrained"):
         load_config("demo", {"model.freeze_estimator": True})
+    with pytest.raises(ConfigError, match="model.estimator_reads_task: the pixel estimator"):
+        load_config("demo", {"model.estimator_reads_task": True})
     cfg = load_config("demo", {**overrides, "model.freeze_estimator": True})  # the shipped base has no estimator
     cfg.data.clients = [ClientConfig("lab-red", source="sim", lab="lab-red")]  # the fixture's recording
     client = data.open_client(cfg, 0)
@@ -380,6 +390,18 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
     assert torch.isfinite(loss) and head.last > 0  # its loss is still measured
     assert all(torch.equal(v, saved[k]) for k, v in head.state_dict().items())
     assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
+
+    # it reads the instruction: the policy's estimate is the estimator's on the frames and the task's mean token
+    # embedding, computed in the policy from the batch's task tokens as pretraining computed it from the task
+    assert head.shape["task_width"] == policy.model.vlm_with_expert.config.text_config.hidden_size
+    policy.eval()
+    with torch.no_grad():
+        policy.forward(batch)
+        pixels = type(policy).prepare_images(policy, batch)[0]
+        task = task_vectors(out, [get_lab("lab-red").task]).expand(len(pixels[0]), -1)
+        assert torch.allclose(head.captured["estimate"], head(pixels, task), atol=1e-5)
+        assert not torch.allclose(head(pixels, task), head(pixels, task_vectors(out, ["pick up the blue cube"])))
+    assert head.film.weight.abs().sum() > 0  # pretraining moved it from its zero start
 
     cfg.data.eval_only = []  # `zk0 estimator --evaluate`: the saved estimator on the config's recordings
     red = evaluate_estimator(out, cfg)["lab-red"]

@@ -154,7 +154,9 @@ class StateEstimator(_Estimator):
         self._add_mlp()
         self.keypoints = _Keypoints(keypoints, self.side, self.side)
 
-    def estimate(self, image_tokens: torch.Tensor, pixels: list[torch.Tensor] | None) -> torch.Tensor:
+    def estimate(
+        self, image_tokens: torch.Tensor, pixels: list[torch.Tensor] | None, task: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self(image_tokens)
 
     def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
@@ -173,12 +175,25 @@ class PixelStateEstimator(_Estimator):
     """Camera frames -> normalized cube and target positions: per camera, its own small CNN on the frame at
     `size` x `size` (a 5x5 convolution of stride 2, a 3x3, then a 1x1 to `keypoints` maps) and a spatial
     softmax over its maps; the MLP over every camera's keypoints. It sees the pixels, so it can place the
-    cube finer than the vision encoder's token grid."""
+    cube finer than the vision encoder's token grid.
 
-    def __init__(self, cameras: int, mean: Any, std: Any, size: int = 64, keypoints: int = 16, hidden: int = 256):
-        super().__init__(
-            "pixels", {"cameras": cameras, "size": size, "keypoints": keypoints, "hidden": hidden}, mean, std
-        )
+    With `task_width` > 0 it reads the instruction too: the mean of the task tokens' embeddings (the VLM's own
+    token embeddings, `task_width` wide) scales and shifts the 3x3 convolution's channels (FiLM, zero-initialized
+    so that it starts as the estimator that does not read it). At the first frame the cube and the target are
+    two coloured things on the table, and only the instruction says which is the cube."""
+
+    def __init__(
+        self,
+        cameras: int,
+        mean: Any,
+        std: Any,
+        size: int = 64,
+        keypoints: int = 16,
+        hidden: int = 256,
+        task_width: int = 0,
+    ):
+        shape = {"cameras": cameras, "size": size, "keypoints": keypoints, "hidden": hidden, "task_width": task_width}
+        super().__init__("pixels", shape, mean, std)
         self.convs = nn.ModuleList(
             nn.Sequential(
                 nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.GELU(), nn.Conv2d(16, 32, 3, padding=1), nn.GELU(),
@@ -188,27 +203,50 @@ class PixelStateEstimator(_Estimator):
         )  # fmt: skip
         self._add_mlp()
         self.keypoints = _Keypoints(keypoints, size // 2, size // 2)  # the first convolution's stride halves it
+        self.film = None
+        if task_width:  # made last: the convolutions and the MLP start as the seeded estimator without it
+            self.film = nn.Linear(task_width, 2 * 32)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
-    def estimate(self, image_tokens: torch.Tensor, pixels: list[torch.Tensor] | None) -> torch.Tensor:
+    def estimate(
+        self, image_tokens: torch.Tensor, pixels: list[torch.Tensor] | None, task: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if pixels is None:
             raise ValueError(
                 "model.estimate_environment_state=pixels: the batch has no camera frames (with data.cache=features "
                 "the training items keep them for the estimator)"
             )
-        return self(pixels)
+        return self(pixels, task)
 
-    def forward(self, pixels: list[torch.Tensor]) -> torch.Tensor:
-        """`pixels`: one (B, 3, H, W) frame per camera in [-1, 1], as SmolVLA prepares them for its encoder."""
+    def forward(self, pixels: list[torch.Tensor], task: torch.Tensor | None = None) -> torch.Tensor:
+        """`pixels`: one (B, 3, H, W) frame per camera in [-1, 1], as SmolVLA prepares them for its encoder;
+        `task`: (B, task_width), the mean embedding of each sample's task tokens (`task_vector`), when it reads it."""
         if len(pixels) != len(self.convs):
             raise ValueError(
                 f"model.estimate_environment_state=pixels: {len(pixels)} cameras, the estimator has {len(self.convs)}"
             )
+        if (self.film is None) != (task is None):
+            raise ValueError(
+                "the pixel estimator reads the task: give it the task's embedding"
+                if task is None
+                else "the pixel estimator was built without reading the task (task_width 0)"
+            )
         size = self.shape["size"]
-        points = [
-            self.keypoints(conv(nn.functional.interpolate(img.float(), size=(size, size), mode="area")))
-            for conv, img in zip(self.convs, pixels, strict=True)
-        ]
+        film = None if task is None else self.film(task.float()).chunk(2, dim=-1)
+        points = []
+        for conv, img in zip(self.convs, pixels, strict=True):
+            h = conv[:4](nn.functional.interpolate(img.float(), size=(size, size), mode="area"))
+            if film is not None:
+                h = h * (1 + film[0][:, :, None, None]) + film[1][:, :, None, None]
+            points.append(self.keypoints(conv[4:](h)))
         return self.mlp(torch.cat([q.flatten(1) for q in points], dim=1))
+
+
+def task_vector(embeddings: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, W) token embeddings and their (B, L) mask -> (B, W): the mean over each sample's real tokens."""
+    mask = mask.to(embeddings.device).float()[..., None]
+    return (embeddings.float() * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 def attach(policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: int) -> EnvironmentStateHead:
@@ -243,10 +281,16 @@ def attach(policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: i
 
 
 def attach_estimator(
-    policy: Any, stats: dict[str, dict[str, Any]], weight: float, seed: int, state_size: int, kind: str = "tokens"
+    policy: Any,
+    stats: dict[str, dict[str, Any]],
+    weight: float,
+    seed: int,
+    state_size: int,
+    kind: str = "tokens",
+    reads_task: bool = False,
 ) -> StateEstimator | PixelStateEstimator:
     """model.estimate_environment_state (tokens or pixels): build the seeded estimator for this policy's
-    cameras and attach it."""
+    cameras and attach it; `reads_task` (pixels): it reads the instruction through the VLM's token embeddings."""
     if OBS_ENV_STATE not in stats:
         raise ValueError(
             f"model.estimate_environment_state learns from {OBS_ENV_STATE}, which these datasets do not have "
@@ -258,7 +302,8 @@ def attach_estimator(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if kind == "pixels":
-            head: Any = PixelStateEstimator(cameras, s["mean"], s["std"])
+            width = inner.vlm_with_expert.config.text_config.hidden_size if reads_task else 0
+            head: Any = PixelStateEstimator(cameras, s["mean"], s["std"], task_width=width)
         else:
             width = inner.vlm_with_expert.config.text_config.hidden_size
             head = StateEstimator(width, cameras, _tokens_per_camera(inner.vlm_with_expert.config), s["mean"], s["std"])
@@ -290,7 +335,11 @@ def _attach_estimator(policy: Any, head: Any, weight: float, state_size: int) ->
         pixels = list(images) if images[0].dim() == 4 else head.captured.pop("pixels", None)
         frozen = not any(p.requires_grad for p in head.parameters())  # model.freeze_estimator
         with torch.no_grad() if frozen else nullcontext():
-            estimate = head.estimate(embs[:, :n_image], pixels)
+            task = None
+            if head.shape.get("task_width"):  # it reads the instruction: the VLM's (frozen) task-token embeddings
+                with torch.no_grad():
+                    task = task_vector(inner.vlm_with_expert.embed_language_tokens(lang_tokens), lang_masks)
+            estimate = head.estimate(embs[:, :n_image], pixels, task)
         head.captured["estimate"] = estimate
         filled = state.clone()
         filled[:, state_size:size] = estimate.detach().to(state.dtype)

@@ -189,6 +189,9 @@ class ModelConfig:
     # a pretrained estimator (model.pretrained holds one: `zk0 estimator`) kept fixed: every owner's action
     # expert reads the same estimates, and the estimator's weights neither train nor travel
     freeze_estimator: bool = False
+    # the pixel estimator reads the instruction as well as the cameras (FiLM from the task tokens' mean embedding):
+    # at the first frame only the instruction says which coloured thing on the table is the cube
+    estimator_reads_task: bool = False
     peft: PeftSettings = field(default_factory=PeftSettings)
 
     def problems(self, cfg: ExperimentConfig) -> list[str]:
@@ -215,6 +218,10 @@ class ModelConfig:
             not m.freeze_estimator or m.estimate_environment_state != "none",
             "model.freeze_estimator keeps a pretrained state estimator fixed: it needs "
             "model.estimate_environment_state=pixels or tokens (the kind model.pretrained holds)",
+        )
+        p.need(
+            not m.estimator_reads_task or m.estimate_environment_state == "pixels",
+            "model.estimator_reads_task: the pixel estimator reads the task; set model.estimate_environment_state=pixels",
         )
         if m.peft.method != "none":
             p.need(m.peft.r >= 1, f"model.peft.r must be >= 1 (got {m.peft.r})")

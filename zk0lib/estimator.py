@@ -59,6 +59,10 @@ class EstimatorSpec:
     early_fraction: float = 0.5
     early_frames: int = 30
     record_workers: int = 0  # 0: as many as pay (sim.record.pool_workers)
+    # read the instruction as well as the cameras (PixelStateEstimator's task_width): the community labs give the
+    # client labs' colours to the cube in some labs and to the target in others, and at the first frame only the
+    # instruction says which is the cube
+    reads_task: bool = False
 
     @classmethod
     def from_overrides(cls, overrides: list[str] | None = None) -> EstimatorSpec:
@@ -95,6 +99,7 @@ class _LabFrames:
         if ENV not in table.column_names:
             raise ValueError(f"{name}: the recording has no {ENV}: delete {root} to record it again")
         self.name, self.cameras = name, store.cameras
+        self.task_vector: torch.Tensor | None = None  # its task's mean token embedding, for an estimator that reads it
         self.env = np.asarray(table[ENV], np.float32)
         self.frame_index = np.asarray(table["frame_index"])
         self.arrays = {c: np.load(store.root / f"{_file_name(c)}.npy", mmap_mode="r") for c in store.cameras}
@@ -129,9 +134,38 @@ def estimate_rows(
     head.eval()
     with torch.no_grad():
         for i in range(0, len(rows), batch):
-            pred = head(prepared(lab.frames(rows[i : i + batch], cameras), resize))
+            n = len(rows[i : i + batch])
+            task = None if head.film is None else lab.task_vector.expand(n, -1)
+            pred = head(prepared(lab.frames(rows[i : i + batch], cameras), resize), task)
             out.append((pred * head.std + head.mean).numpy())
     return np.concatenate(out) if out else np.zeros((0, head.mean.numel()), np.float32)
+
+
+def task_vectors(folder: Path, tasks: list[str]) -> torch.Tensor:
+    """Each task's mean token embedding, as a policy's estimator that reads the task computes it: the task with
+    SmolVLA's trailing newline, tokenized by the policy's tokenizer, embedded by its VLM's token embeddings (read
+    from the folder's weights)."""
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from zk0lib.model import TINY_VLM_REPO, ensure_tiny_vlm
+
+    config = json.loads((Path(folder) / "config.json").read_text())
+    name = config["vlm_model_name"]
+    if name == TINY_VLM_REPO:
+        ensure_tiny_vlm()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
+        key = next((k for k in f.keys() if k.endswith("text_model.embed_tokens.weight")), None)
+        if key is None:
+            raise ValueError(f"{folder}: no VLM token embeddings (text_model.embed_tokens.weight) in model.safetensors")
+        table = f.get_tensor(key).float()
+    vectors = []
+    for task in tasks:
+        text = task if task.endswith("\n") else f"{task}\n"
+        ids = tokenizer(text, truncation=True, max_length=config["tokenizer_max_length"])["input_ids"]
+        vectors.append(table[torch.as_tensor(ids)].mean(0))
+    return torch.stack(vectors)
 
 
 def lab_errors(head: Any, lab: _LabFrames, rows: np.ndarray, cameras: list[str], resize: tuple[int, int]) -> dict:
@@ -170,20 +204,23 @@ def pretrain_estimator(
     t_start = time.perf_counter()
     log(f"zk0 estimator: {spec.labs} community labs x {spec.episodes_per_lab} demonstrations (recorded once, cached)")
     labs = []
-    for lab in community_labs(spec.labs, spec.seed):
+    specs = community_labs(spec.labs, spec.seed)
+    vectors = task_vectors(base, [lab.task for lab in specs]) if spec.reads_task else None
+    for lab in specs:
         rec = record_lab(lab, spec.episodes_per_lab, cache_dir, spec.image_size, spec.seed, spec.record_workers)
         meta = data.load_metadata(f"zk0/{lab.name}", rec.root)
         missing = set(cameras) - set(meta.video_keys)
         if missing:
             raise ValueError(f"{lab.name}: no camera {sorted(missing)}, which the base {base} reads")
         labs.append(_LabFrames(lab.name, f"zk0/{lab.name}", rec.root, cache_dir, spec.heldout_episodes))
+        labs[-1].task_vector = None if vectors is None else vectors[len(labs) - 1]
         log(f"  {lab.name}: {len(labs[-1].all_rows)} frames")
     record_seconds = time.perf_counter() - t_start
     trained = labs[: len(labs) - spec.heldout_labs]
     env = np.concatenate([lab.env[lab.train_rows] for lab in trained])
     mean, std = env.mean(0), env.std(0)
     torch.manual_seed(spec.seed)
-    head = PixelStateEstimator(len(cameras), mean, std)
+    head = PixelStateEstimator(len(cameras), mean, std, task_width=0 if vectors is None else vectors.shape[1])
     optimizer = torch.optim.AdamW(head.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
 
     def lr_at(step: int) -> float:  # linear warm-up, then cosine to zero
@@ -219,13 +256,15 @@ def pretrain_estimator(
         lab_of = np.concatenate([owners[late], early_owners[early]])
         row_of = np.concatenate([rows[late], early_rows[early]])
         frames: list[list[torch.Tensor]] = [[] for _ in cameras]
-        targets = []
+        targets, tasks = [], []
         for i in np.unique(lab_of):
             sel = row_of[lab_of == i]
             for c, f in enumerate(trained[i].frames(sel, cameras)):
                 frames[c].append(f)
             targets.append(trained[i].env[sel])
-        pred = head(prepared([torch.cat(f) for f in frames], resize))
+            if vectors is not None:
+                tasks.append(trained[i].task_vector.expand(len(sel), -1))
+        pred = head(prepared([torch.cat(f) for f in frames], resize), torch.cat(tasks) if tasks else None)
         loss = torch.nn.functional.mse_loss(pred, head.normalized(torch.from_numpy(np.concatenate(targets))))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -313,10 +352,14 @@ def evaluate_estimator(folder: Path, cfg: Any, every: int = 5) -> dict[str, dict
     config = json.loads((Path(folder) / "config.json").read_text())
     cameras = [k for k, f in config["input_features"].items() if f["type"] == "VISUAL"]
     resize = tuple(config["resize_imgs_with_padding"])
+    from zk0lib.sim.labs import get_lab
+
     out = {}
     for name, (client, role) in sim_labs(cfg).items():
         repo_id, root = source_location(cfg, client)
         lab = _LabFrames(name, repo_id, root, cfg.cache_dir, 0)
+        if head.film is not None:
+            lab.task_vector = task_vectors(Path(folder), [get_lab(client.lab).task])[0]
         out[name] = {
             "role": role,
             "all_frames": lab_errors(head, lab, lab.all_rows[::every], cameras, resize),

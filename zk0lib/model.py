@@ -374,8 +374,13 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
                         f"{cfg.model.pretrained} has none: make one (zk0 estimator --base <policy folder> --out "
                         "<folder>) and set model.pretrained to that folder, or set model.freeze_estimator=false"
                     )
-                auxiliary.attach_estimator(policy, stats, w, seed, state_size, kind)
+                auxiliary.attach_estimator(policy, stats, w, seed, state_size, kind, cfg.model.estimator_reads_task)
             head = auxiliary.estimator_of(policy)
+            if cfg.model.estimator_reads_task and not head.shape.get("task_width"):
+                raise ValueError(
+                    f"model.estimator_reads_task: the estimator model.pretrained={cfg.model.pretrained} holds does "
+                    "not read the task (make one that does: zk0 estimator --set reads_task=true)"
+                )
             head.teacher_forcing = cfg.train.teacher_forcing
             if cfg.model.freeze_estimator:  # the shared estimate: neither trained nor sent
                 head.requires_grad_(False)
