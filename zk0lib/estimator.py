@@ -354,12 +354,14 @@ def evaluate_estimator(folder: Path, cfg: Any, every: int = 5) -> dict[str, dict
     resize = tuple(config["resize_imgs_with_padding"])
     from zk0lib.sim.labs import get_lab
 
+    labs = sim_labs(cfg)
+    tasks = [get_lab(client.lab).task for client, _ in labs.values()]
+    vectors = task_vectors(Path(folder), tasks) if head.film is not None else None  # tokenizer and weights read once
     out = {}
-    for name, (client, role) in sim_labs(cfg).items():
+    for i, (name, (client, role)) in enumerate(labs.items()):
         repo_id, root = source_location(cfg, client)
         lab = _LabFrames(name, repo_id, root, cfg.cache_dir, 0)
-        if head.film is not None:
-            lab.task_vector = task_vectors(Path(folder), [get_lab(client.lab).task])[0]
+        lab.task_vector = None if vectors is None else vectors[i]
         out[name] = {
             "role": role,
             "all_frames": lab_errors(head, lab, lab.all_rows[::every], cameras, resize),
