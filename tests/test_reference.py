@@ -388,6 +388,7 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
     loss, _ = train.fedprox_backward(policy, batch, before, 0.01)
     optimizer.step()
     assert torch.isfinite(loss) and head.last > 0  # its loss is still measured
+    assert head.frozen and head.captured["estimate"].grad_fn is None  # run without a graph
     assert all(torch.equal(v, saved[k]) for k, v in head.state_dict().items())
     assert any(not torch.equal(p, b) for p, b in zip(params, before, strict=True))
 

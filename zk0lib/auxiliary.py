@@ -36,6 +36,7 @@ from torch import nn
 OBS_ENV_STATE = "observation.environment_state"
 HEAD = "zk0_aux_head"  # the head's attribute on the policy (its parameters train and travel with the rest)
 ESTIMATOR_FILE = "zk0_state_estimator"  # .json (its shape and stats) and .safetensors, beside a saved policy
+FILM_CHANNELS = 32  # the pixel estimator's middle convolution: the channels the task's FiLM scales and shifts
 
 
 class _PositionsHead(nn.Module):
@@ -113,6 +114,7 @@ class _Estimator(_PositionsHead):
         super().__init__(mean, std)
         self.kind, self.shape = kind, shape
 
+    frozen = False  # model.freeze_estimator: kept fixed, so its forward runs without a graph
     teacher_forcing = 0.0  # train.teacher_forcing: the fraction of training samples given the recorded positions
 
     def recorded(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,8 +198,8 @@ class PixelStateEstimator(_Estimator):
         super().__init__("pixels", shape, mean, std)
         self.convs = nn.ModuleList(
             nn.Sequential(
-                nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.GELU(), nn.Conv2d(16, 32, 3, padding=1), nn.GELU(),
-                nn.Conv2d(32, keypoints, 1),
+                nn.Conv2d(3, 16, 5, stride=2, padding=2), nn.GELU(), nn.Conv2d(16, FILM_CHANNELS, 3, padding=1),
+                nn.GELU(), nn.Conv2d(FILM_CHANNELS, keypoints, 1),
             )
             for _ in range(cameras)
         )  # fmt: skip
@@ -205,7 +207,7 @@ class PixelStateEstimator(_Estimator):
         self.keypoints = _Keypoints(keypoints, size // 2, size // 2)  # the first convolution's stride halves it
         self.film = None
         if task_width:  # made last: the convolutions and the MLP start as the seeded estimator without it
-            self.film = nn.Linear(task_width, 2 * 32)
+            self.film = nn.Linear(task_width, 2 * FILM_CHANNELS)
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
 
@@ -333,8 +335,7 @@ def _attach_estimator(policy: Any, head: Any, weight: float, state_size: int) ->
         n_image = embs.shape[1] - lang_tokens.shape[1] - 1  # the prefix: camera tokens, task, one state token
         # the frames: these images, or (data.cache=features, where the images are embeddings) the batch's own
         pixels = list(images) if images[0].dim() == 4 else head.captured.pop("pixels", None)
-        frozen = not any(p.requires_grad for p in head.parameters())  # model.freeze_estimator
-        with torch.no_grad() if frozen else nullcontext():
+        with torch.no_grad() if head.frozen else nullcontext():
             task = None
             if head.shape.get("task_width"):  # it reads the instruction: the VLM's (frozen) task-token embeddings
                 with torch.no_grad():

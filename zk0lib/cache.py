@@ -39,12 +39,13 @@ class FrameStore:
         self.cameras: list[str] = info["cameras"]
         self.bad: dict[int, str] = {int(k): v for k, v in info["bad_episodes"].items()}
         self.tolerance_s: float = info["tolerance_s"]
-        self._starts = {int(k): v for k, v in info["episode_rows"].items()}
+        self.episode_rows: dict[int, tuple[int, int]] = {int(k): tuple(v) for k, v in info["episode_rows"].items()}
         self._timestamps = np.load(self.root / "timestamps.npy")
         self._arrays: dict[str, np.ndarray] | None = None
         self.info = info
 
-    def _array(self, key: str) -> np.ndarray:
+    def array(self, key: str) -> np.ndarray:
+        """One camera's uint8 frames, (rows, C, H, W), memory-mapped; `episode_rows` says which rows are whose."""
         if self._arrays is None:  # opened lazily: each data-loader worker maps the files itself
             self._arrays = {c: np.load(self.root / f"{_file_name(c)}.npy", mmap_mode="r") for c in self.cameras}
         return self._arrays[key]
@@ -54,7 +55,7 @@ class FrameStore:
             raise RuntimeError(
                 f"episode {episode} could not be decoded when the frame cache was built: {self.bad[episode]}"
             )
-        start, stop = self._starts[episode]
+        start, stop = self.episode_rows[episode]
         ts = self._timestamps[start:stop]
         query = np.asarray(timestamps)
         at = np.clip(np.searchsorted(ts, query), 1, len(ts) - 1) if len(ts) > 1 else np.zeros(len(query), int)
@@ -69,7 +70,7 @@ class FrameStore:
 
     def frames(self, key: str, episode: int, timestamps: list[float]) -> torch.Tensor:
         """Float frames in [0, 1], (N, C, H, W), or (C, H, W) for one timestamp: what lerobot's decoder returns."""
-        u8 = torch.from_numpy(np.array(self._array(key)[self.rows(episode, timestamps)]))
+        u8 = torch.from_numpy(np.array(self.array(key)[self.rows(episode, timestamps)]))
         return (u8 / 255.0).type(torch.float32).squeeze(0)
 
     @property
@@ -328,7 +329,7 @@ def image_features(store: FrameStore, bundle: Any, cache_dir: Path, batch_size: 
     policy.eval()
     try:
         for camera in store.cameras:
-            frames = store._array(camera)
+            frames = store.array(camera)
             out = None
             for a in range(0, len(frames), batch_size):
                 chunk = torch.from_numpy(np.array(frames[a : a + batch_size]))

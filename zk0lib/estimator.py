@@ -88,7 +88,7 @@ class _LabFrames:
     def __init__(self, name: str, repo_id: str, root: Path, cache_dir: Path, heldout_episodes: int):
         from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
-        from zk0lib.cache import _file_name, frame_store
+        from zk0lib.cache import frame_store
 
         store = frame_store(repo_id, root, cache_dir)
         if store.bad:
@@ -102,10 +102,10 @@ class _LabFrames:
         self.task_vector: torch.Tensor | None = None  # its task's mean token embedding, for an estimator that reads it
         self.env = np.asarray(table[ENV], np.float32)
         self.frame_index = np.asarray(table["frame_index"])
-        self.arrays = {c: np.load(store.root / f"{_file_name(c)}.npy", mmap_mode="r") for c in store.cameras}
-        episodes = sorted(int(e) for e in store._starts)
+        self.arrays = {c: store.array(c) for c in store.cameras}
+        episodes = sorted(store.episode_rows)
         held = set(episodes[len(episodes) - heldout_episodes :]) if heldout_episodes else set()
-        ranges = {e: np.arange(*store._starts[e]) for e in episodes}
+        ranges = {e: np.arange(*store.episode_rows[e]) for e in episodes}
         self.train_rows = np.concatenate([ranges[e] for e in episodes if e not in held])
         self.heldout_rows = np.concatenate([ranges[e] for e in sorted(held)]) if held else np.zeros(0, int)
         self.all_rows = np.concatenate([ranges[e] for e in episodes])
