@@ -326,8 +326,15 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
 
     from zk0lib import auxiliary, data, model, train
     from zk0lib.config import SHIPPED_BASE, ClientConfig, ConfigError, load_config
-    from zk0lib.estimator import ESTIMATOR_RECORD, EstimatorSpec, evaluate_estimator, pretrain_estimator, task_vectors
-    from zk0lib.sim.labs import get_lab
+    from zk0lib.estimator import (
+        ESTIMATOR_RECORD,
+        EstimatorSpec,
+        colour_roles,
+        evaluate_estimator,
+        pretrain_estimator,
+        task_vectors,
+    )
+    from zk0lib.sim.labs import community_labs, get_lab
 
     with pytest.raises(ConfigError, match="steps must be > 0"):
         EstimatorSpec.from_overrides(["steps=0"])
@@ -348,6 +355,9 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
     out = tmp_path / "base-est"
     record = pretrain_estimator(spec, SHIPPED_BASE, out, home / "data_cache", log=lambda _: None)
     assert record["labs"] == ["community-0-000"] and record["heldout_labs"] == ["community-0-001"]
+    lab = community_labs(2, 0)[0]  # the colours' roles in the labs it trained on
+    assert record["colour_roles"] == colour_roles([lab])
+    assert record["colour_roles"][lab.cube_colour]["cube"] == 1
     assert set(record["errors"]["heldout_episodes"]) == {"community-0-000"}
     for where in ("heldout_episodes", "heldout_labs"):
         assert 0 < record["summary"][where]["cube_error_cm"] < 100
@@ -407,4 +417,5 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
     cfg.data.eval_only = []  # `zk0 estimator --evaluate`: the saved estimator on the config's recordings
     red = evaluate_estimator(out, cfg)["lab-red"]
     assert red["role"] == "client" and red["first_frames"]["frames"] == 12  # one first frame per episode
+    assert (red["cube_colour"], red["target_colour"]) == ("red", "green")
     assert 0 < red["all_frames"]["cube_error_cm"] < 100 and red["all_frames"]["frames"] > 12

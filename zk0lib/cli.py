@@ -231,6 +231,20 @@ def _evaluate_estimator(args: argparse.Namespace) -> int:
             f"| {name} | {a['cube_error_cm']:.1f} | {a['cube_error_if_mean_cm']:.1f} | {f['cube_error_cm']:.1f} | "
             f"{f['cube_error_if_mean_cm']:.1f} | {f['target_error_cm']:.1f} |"
         )
+    from zk0lib.estimator import ESTIMATOR_RECORD, colour_roles, roles_line
+    from zk0lib.sim.labs import LabSpec
+
+    labs = [LabSpec(n, e["cube_colour"], e["target_colour"]) for n, e in errors.items() if e["role"] == "client"]
+    print(f"the preset's client labs: {roles_line(colour_roles(labs))}")
+    record = Path(folder) / ESTIMATOR_RECORD
+    roles = json.loads(record.read_text()).get("colour_roles") if record.exists() else None
+    if roles:  # the pretraining labs that give each client lab's colours the other role
+        for name, e in errors.items():
+            cube, target = roles.get(e["cube_colour"], {}), roles.get(e["target_colour"], {})
+            print(
+                f"  {name}: its {e['cube_colour']} cube is the target in {cube.get('target', 0)} pretraining labs, "
+                f"its {e['target_colour']} target the cube in {target.get('cube', 0)}"
+            )
     out = Path(folder) / "zk0_estimator_check.json" if args.check_out is None else Path(args.check_out)
     write_json(out, {"command": "zk0 " + " ".join(args.argv), "preset": args.preset, "labs": errors})
     print(f"zk0 estimator: {folder} on the preset {args.preset}'s recordings -> {out}")

@@ -217,6 +217,8 @@ def pretrain_estimator(
         log(f"  {lab.name}: {len(labs[-1].all_rows)} frames")
     record_seconds = time.perf_counter() - t_start
     trained = labs[: len(labs) - spec.heldout_labs]
+    roles = colour_roles(specs[: len(trained)])
+    log(f"  {roles_line(roles)}")
     env = np.concatenate([lab.env[lab.train_rows] for lab in trained])
     mean, std = env.mean(0), env.std(0)
     torch.manual_seed(spec.seed)
@@ -313,6 +315,7 @@ def pretrain_estimator(
         "cameras": cameras,
         "labs": [lab.name for lab in trained],
         "heldout_labs": [lab.name for lab in labs[len(trained) :]],
+        "colour_roles": roles,
         "frames": int(len(rows)),
         "losses": {"first_100": float(np.mean(losses[:100])), "last_100": float(np.mean(losses[-100:]))},
         "errors": errors,
@@ -331,6 +334,21 @@ def pretrain_estimator(
         shutil.rmtree(out)
     os.replace(tmp, out)
     return record
+
+
+def colour_roles(labs: list[Any]) -> dict[str, dict[str, int]]:
+    """How many of these labs (LabSpecs) give each colour the cube's role and the target's: a colour in both
+    roles is one an estimator blind to the instruction cannot place at an episode's first frame."""
+    roles: dict[str, dict[str, int]] = {}
+    for lab in labs:
+        roles.setdefault(lab.cube_colour, {"cube": 0, "target": 0})["cube"] += 1
+        roles.setdefault(lab.target_colour, {"cube": 0, "target": 0})["target"] += 1
+    return dict(sorted(roles.items()))
+
+
+def roles_line(roles: dict[str, dict[str, int]]) -> str:
+    both = [f"{c} {r['cube']}/{r['target']}" for c, r in roles.items() if r["cube"] and r["target"]]
+    return "colours in both roles (labs with it as the cube / as the target): " + (", ".join(both) or "none")
 
 
 def _mean_errors(per_lab: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -362,8 +380,11 @@ def evaluate_estimator(folder: Path, cfg: Any, every: int = 5) -> dict[str, dict
         repo_id, root = source_location(cfg, client)
         lab = _LabFrames(name, repo_id, root, cfg.cache_dir, 0)
         lab.task_vector = None if vectors is None else vectors[i]
+        spec = get_lab(client.lab)
         out[name] = {
             "role": role,
+            "cube_colour": spec.cube_colour,
+            "target_colour": spec.target_colour,
             "all_frames": lab_errors(head, lab, lab.all_rows[::every], cameras, resize),
             "first_frames": lab_errors(head, lab, lab.all_rows[lab.frame_index[lab.all_rows] == 0], cameras, resize),
         }
