@@ -7,7 +7,7 @@ import pytest
 from zk0lib.base import BASE_RECORD, BaseSpec
 from zk0lib.config import SHIPPED_BASE, ConfigError, load_config
 from zk0lib.model import TINY_VLM_REPO, load_policy, parameter_counts
-from zk0lib.sim.labs import CLIENT_LABS, LABS, community_labs
+from zk0lib.sim.labs import CLIENT_LABS, LABS, community_labs, get_lab
 
 
 def test_community_labs_are_seeded_and_distinct_from_the_clients():
@@ -17,6 +17,13 @@ def test_community_labs_are_seeded_and_distinct_from_the_clients():
     client_tasks = {LABS[name].task for name in LABS}
     assert not client_tasks & {lab.task for lab in labs}
     assert len({(lab.camera_offset, lab.light) for lab in labs}) == 12
+    # named in a config (the community preset): the same lab whatever count drew it
+    assert get_lab("community-0-011") == labs[11] and get_lab("community-1-000") == community_labs(1, seed=1)[0]
+    with pytest.raises(KeyError, match="community-<seed>-<index>"):
+        get_lab("community-0")
+    cfg = load_config("community")
+    assert [c.lab for c in cfg.data.clients] == [lab.name for lab in community_labs(32, seed=0)]
+    assert not set(CLIENT_LABS) & {c.lab for c in cfg.data.clients + cfg.data.eval_only}
 
 
 def test_base_spec_refuses_bad_values():

@@ -713,6 +713,24 @@ def _study() -> ExperimentConfig:
     return cfg
 
 
+def _community() -> ExperimentConfig:
+    """The base's pretraining data as a federation: the 32 community labs (10 demonstrations each, one owner
+    per lab), none with a client lab's task. Run centralized, it pretrains the action expert where no client's
+    data is needed (`zk0 baseline centralized --preset community --set model.pretrained=<zk0 estimator folder>
+    ...`); `zk0 sim variants --preset study --policy <its checkpoint>` then judges it in the client labs it never
+    saw. The study's recipe otherwise (pixel estimator, cached features, batch 64, lr 1e-3), 9,024 steps."""
+    from zk0lib.sim.labs import community_labs
+
+    cfg = _study()
+    cfg.preset = "community"
+    cfg.data.clients = _lab_clients(tuple(lab.name for lab in community_labs(32, 0)))
+    cfg.data.eval_only = []
+    cfg.data.heldout_episodes, cfg.data.sim_episodes = 1, 10
+    cfg.train.local_steps, cfg.fl.num_rounds = 94, 3  # 94 x 32 x 3 = 9,024 steps centralized
+    cfg.eval.every, cfg.eval.rollout_episodes, cfg.eval.max_frames = 1, 0, 120
+    return cfg
+
+
 def _zk0_hub() -> ExperimentConfig:
     repos = [
         "lerobot/svla_so100_pickplace",
@@ -741,7 +759,7 @@ def _zk0_hub() -> ExperimentConfig:
     )
 
 
-PRESETS = {"smoke": _smoke, "demo": _demo, "study": _study, "zk0-hub": _zk0_hub}
+PRESETS = {"smoke": _smoke, "demo": _demo, "study": _study, "community": _community, "zk0-hub": _zk0_hub}
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -955,9 +973,15 @@ def _check_source(c: ClientConfig, key: str, need: Any) -> None:
             "/" in c.repo_id, f"{key}.repo_id: a Hub dataset id like 'lerobot/svla_so100_pickplace', got {c.repo_id!r}"
         )
     if c.source == "sim":
-        from zk0lib.sim.labs import LABS
+        from zk0lib.sim.labs import LABS, get_lab
 
-        need(c.lab in LABS, f"{key}.lab: unknown simulated lab {c.lab!r} (choose {', '.join(LABS)})")
+        try:
+            get_lab(c.lab)
+        except KeyError:
+            need(
+                False,
+                f"{key}.lab: unknown simulated lab {c.lab!r} (choose {', '.join(LABS)} or community-<seed>-<index>)",
+            )
     if c.source == "local":
         need(c.root is not None, f"{key}.root: a local dataset needs its folder (source=local)")
         if c.root is not None:

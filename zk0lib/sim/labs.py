@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -111,9 +112,15 @@ UNSEEN_LAB = "lab-unseen"
 
 
 def get_lab(name: str) -> LabSpec:
-    if name not in LABS:
-        raise KeyError(f"unknown lab {name!r}: choose one of {', '.join(LABS)}")
-    return LABS[name]
+    """A client lab, lab-unseen, or a community lab by its name (`community-<seed>-<index>`, e.g.
+    community-0-007: the 8th of `community_labs(n, 0)` for any n > 7)."""
+    if name in LABS:
+        return LABS[name]
+    community = re.fullmatch(r"community-(\d+)-(\d{3,})", name)
+    if community:
+        seed, index = int(community[1]), int(community[2])
+        return community_labs(index + 1, seed)[index]
+    raise KeyError(f"unknown lab {name!r}: choose one of {', '.join(LABS)} or community-<seed>-<index>")
 
 
 # ----------------------------------------------------------------------------- community labs
