@@ -213,11 +213,12 @@ def cmd_estimator(args: argparse.Namespace) -> int:
 def _evaluate_estimator(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from zk0lib.env import quiet
+    from zk0lib.env import quiet, set_hub_offline
     from zk0lib.estimator import evaluate_estimator
     from zk0lib.runs import write_json
 
     quiet()
+    set_hub_offline()  # the tokenizer and the recordings are local: no Hub lookups (and retries) offline
     cfg = load_config(args.preset)
     folder = _saved_policy(args.evaluate)
     errors = evaluate_estimator(folder, cfg)
