@@ -418,4 +418,5 @@ def test_a_pretrained_estimator_is_shipped_in_a_base_and_kept_fixed(recording, h
     red = evaluate_estimator(out, cfg)["lab-red"]
     assert red["role"] == "client" and red["first_frames"]["frames"] == 12  # one first frame per episode
     assert (red["cube_colour"], red["target_colour"]) == ("red", "green")
+    assert red["first_frames"]["cube_estimate_to_target_cm"] > 0  # a swap of cube and target would show near 0
     assert 0 < red["all_frames"]["cube_error_cm"] < 100 and red["all_frames"]["frames"] > 12

@@ -223,14 +223,15 @@ def _evaluate_estimator(args: argparse.Namespace) -> int:
     folder = _saved_policy(args.evaluate)
     errors = evaluate_estimator(folder, cfg)
     print(
-        "| lab | cube, all frames (cm) | guessing the mean | cube, first frames | guessing the mean | target, first frames |"
+        "| lab | cube, all frames (cm) | guessing the mean | cube, first frames | guessing the mean | target, first frames "
+        "| first frames: the cube's estimate from the target |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for name, e in errors.items():
         a, f = e["all_frames"], e["first_frames"]
         print(
             f"| {name} | {a['cube_error_cm']:.1f} | {a['cube_error_if_mean_cm']:.1f} | {f['cube_error_cm']:.1f} | "
-            f"{f['cube_error_if_mean_cm']:.1f} | {f['target_error_cm']:.1f} |"
+            f"{f['cube_error_if_mean_cm']:.1f} | {f['target_error_cm']:.1f} | {f['cube_estimate_to_target_cm']:.1f} |"
         )
     from zk0lib.estimator import ESTIMATOR_RECORD, colour_roles, roles_line
     from zk0lib.sim.labs import LabSpec

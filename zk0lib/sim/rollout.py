@@ -298,4 +298,8 @@ def _estimate_errors(estimates: np.ndarray, truths: np.ndarray, mean: torch.Tens
         "cube_error_if_mean_cm": cm(np.broadcast_to(guess, truths.shape), truths, cube),
         "target_error_cm": cm(estimates, truths, target),
         "target_error_if_mean_cm": cm(np.broadcast_to(guess, truths.shape), truths, target),
+        # the cube's estimate against where the target is: near 0 when it takes the target for the cube
+        "cube_estimate_to_target_cm": float(
+            np.linalg.norm((estimates[..., cube] - truths[..., target])[..., :2], axis=-1).mean() * 100
+        ),
     }
