@@ -24,6 +24,8 @@ def test_community_labs_are_seeded_and_distinct_from_the_clients():
     cfg = load_config("community")
     assert [c.lab for c in cfg.data.clients] == [lab.name for lab in community_labs(32, seed=0)]
     assert not set(CLIENT_LABS) & {c.lab for c in cfg.data.clients + cfg.data.eval_only}
+    with pytest.raises(ConfigError, match=r"data.clients.0.lab: unknown lab 'community-0'"):
+        load_config("demo", {"data.clients.0.lab": "community-0"})
 
 
 def test_base_spec_refuses_bad_values():

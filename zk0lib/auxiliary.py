@@ -114,8 +114,13 @@ class _Estimator(_PositionsHead):
         super().__init__(mean, std)
         self.kind, self.shape = kind, shape
 
-    frozen = False  # model.freeze_estimator: kept fixed, so its forward runs without a graph
+    frozen = False  # model.freeze_estimator: kept fixed (`freeze`), so its forward runs without a graph
     teacher_forcing = 0.0  # train.teacher_forcing: the fraction of training samples given the recorded positions
+
+    def freeze(self) -> None:
+        """Neither trained nor sent (not among the trainable weights), and run without a graph."""
+        self.requires_grad_(False)
+        self.frozen = True
 
     def recorded(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's recorded positions at the current frame, normalized as the estimate, and which samples

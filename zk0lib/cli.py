@@ -234,10 +234,9 @@ def _evaluate_estimator(args: argparse.Namespace) -> int:
             f"{f['cube_error_if_mean_cm']:.1f} | {f['target_error_cm']:.1f} | {f['cube_estimate_to_target_cm']:.1f} |"
         )
     from zk0lib.estimator import ESTIMATOR_RECORD, colour_roles, roles_line
-    from zk0lib.sim.labs import LabSpec
 
-    labs = [LabSpec(n, e["cube_colour"], e["target_colour"]) for n, e in errors.items() if e["role"] == "client"]
-    print(f"the preset's client labs: {roles_line(colour_roles(labs))}")
+    pairs = [(e["cube_colour"], e["target_colour"]) for e in errors.values() if e["role"] == "client"]
+    print(f"the preset's client labs: {roles_line(colour_roles(pairs))}")
     record = Path(folder) / ESTIMATOR_RECORD
     roles = json.loads(record.read_text()).get("colour_roles") if record.exists() else None
     if roles:  # the pretraining labs that give each client lab's colours the other role

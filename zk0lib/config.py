@@ -973,15 +973,12 @@ def _check_source(c: ClientConfig, key: str, need: Any) -> None:
             "/" in c.repo_id, f"{key}.repo_id: a Hub dataset id like 'lerobot/svla_so100_pickplace', got {c.repo_id!r}"
         )
     if c.source == "sim":
-        from zk0lib.sim.labs import LABS, get_lab
+        from zk0lib.sim.labs import get_lab
 
         try:
             get_lab(c.lab)
-        except KeyError:
-            need(
-                False,
-                f"{key}.lab: unknown simulated lab {c.lab!r} (choose {', '.join(LABS)} or community-<seed>-<index>)",
-            )
+        except KeyError as err:
+            need(False, f"{key}.lab: {err.args[0]}")
     if c.source == "local":
         need(c.root is not None, f"{key}.root: a local dataset needs its folder (source=local)")
         if c.root is not None:

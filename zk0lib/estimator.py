@@ -102,7 +102,7 @@ class _LabFrames:
         self.task_vector: torch.Tensor | None = None  # its task's mean token embedding, for an estimator that reads it
         self.env = np.asarray(table[ENV], np.float32)
         self.frame_index = np.asarray(table["frame_index"])
-        self.arrays = {c: store.array(c) for c in store.cameras}
+        self.store = store  # its camera arrays, memory-mapped
         episodes = sorted(store.episode_rows)
         held = set(episodes[len(episodes) - heldout_episodes :]) if heldout_episodes else set()
         ranges = {e: np.arange(*store.episode_rows[e]) for e in episodes}
@@ -114,7 +114,7 @@ class _LabFrames:
         """uint8 frames of these rows, one (N, 3, H, W) tensor per camera (read in row order)."""
         order = np.argsort(rows)
         back = np.argsort(order)
-        return [torch.from_numpy(np.asarray(self.arrays[c][rows[order]])[back]) for c in cameras]
+        return [torch.from_numpy(np.asarray(self.store.array(c)[rows[order]])[back]) for c in cameras]
 
 
 def prepared(frames: list[torch.Tensor], resize: tuple[int, int]) -> list[torch.Tensor]:
@@ -217,7 +217,7 @@ def pretrain_estimator(
         log(f"  {lab.name}: {len(labs[-1].all_rows)} frames")
     record_seconds = time.perf_counter() - t_start
     trained = labs[: len(labs) - spec.heldout_labs]
-    roles = colour_roles(specs[: len(trained)])
+    roles = colour_roles([(lab.cube_colour, lab.target_colour) for lab in specs[: len(trained)]])
     log(f"  {roles_line(roles)}")
     env = np.concatenate([lab.env[lab.train_rows] for lab in trained])
     mean, std = env.mean(0), env.std(0)
@@ -336,13 +336,13 @@ def pretrain_estimator(
     return record
 
 
-def colour_roles(labs: list[Any]) -> dict[str, dict[str, int]]:
-    """How many of these labs (LabSpecs) give each colour the cube's role and the target's: a colour in both
-    roles is one an estimator blind to the instruction cannot place at an episode's first frame."""
+def colour_roles(pairs: list[tuple[str, str]]) -> dict[str, dict[str, int]]:
+    """How many labs, given as (cube colour, target colour), give each colour the cube's role and the target's:
+    a colour in both roles is one an estimator blind to the instruction cannot tell apart by colour alone."""
     roles: dict[str, dict[str, int]] = {}
-    for lab in labs:
-        roles.setdefault(lab.cube_colour, {"cube": 0, "target": 0})["cube"] += 1
-        roles.setdefault(lab.target_colour, {"cube": 0, "target": 0})["target"] += 1
+    for cube, target in pairs:
+        roles.setdefault(cube, {"cube": 0, "target": 0})["cube"] += 1
+        roles.setdefault(target, {"cube": 0, "target": 0})["target"] += 1
     return dict(sorted(roles.items()))
 
 

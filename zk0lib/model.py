@@ -383,8 +383,7 @@ def build_policy(cfg: ExperimentConfig, ds_meta: Any, stats: dict) -> PolicyBund
                 )
             head.teacher_forcing = cfg.train.teacher_forcing
             if cfg.model.freeze_estimator:  # the shared estimate: neither trained nor sent
-                head.requires_grad_(False)
-                head.frozen = True
+                head.freeze()
         else:
             auxiliary.attach(policy, stats, w, seed)
     if cfg.model.peft.method == "lora":

@@ -289,8 +289,9 @@ def _estimate_errors(estimates: np.ndarray, truths: np.ndarray, mean: torch.Tens
     training mean (the bar an estimator that ignores the image meets)."""
     guess = mean.cpu().numpy()
 
-    def cm(a: np.ndarray, b: np.ndarray, part: slice) -> float:
-        return float(np.linalg.norm((a[..., part] - b[..., part])[..., :2], axis=-1).mean() * 100)
+    def cm(a: np.ndarray, b: np.ndarray, part: slice, b_part: slice | None = None) -> float:
+        diff = a[..., part] - b[..., part if b_part is None else b_part]
+        return float(np.linalg.norm(diff[..., :2], axis=-1).mean() * 100)
 
     cube, target = slice(0, 3), slice(3, 6)
     return {
@@ -299,7 +300,5 @@ def _estimate_errors(estimates: np.ndarray, truths: np.ndarray, mean: torch.Tens
         "target_error_cm": cm(estimates, truths, target),
         "target_error_if_mean_cm": cm(np.broadcast_to(guess, truths.shape), truths, target),
         # the cube's estimate against where the target is: near 0 when it takes the target for the cube
-        "cube_estimate_to_target_cm": float(
-            np.linalg.norm((estimates[..., cube] - truths[..., target])[..., :2], axis=-1).mean() * 100
-        ),
+        "cube_estimate_to_target_cm": cm(estimates, truths, cube, target),
     }
